@@ -1,0 +1,44 @@
+"""Arrival-time rules of the Marconi paper's traces.
+
+- Session ``i`` starts at ``i / sessions_per_second``; its first request arrives then.
+- Chat: the next request of a session arrives after the user's typing time for the new user message(s),
+  ``words / 90 words per minute``.
+- Agent: the next request arrives after an exponentially distributed (Poisson process) response time of
+  configurable mean (5, 7.5 or 10 s in the paper).
+Both delays count from the previous request's arrival.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TYPING_WORDS_PER_MINUTE = 90.0
+
+
+def session_start(index: int, sessions_per_second: float) -> float:
+    """Arrival time in seconds of the first request of the ``index``-th session."""
+    if sessions_per_second <= 0:
+        raise ValueError(f"sessions_per_second must be > 0, got {sessions_per_second}")
+    return index / sessions_per_second
+
+
+def word_count(text: str) -> int:
+    """Number of whitespace-separated words."""
+    return len(text.split())
+
+
+def typing_seconds(words: int) -> float:
+    """Seconds a user needs to type ``words`` words at 90 words per minute."""
+    return words * 60.0 / TYPING_WORDS_PER_MINUTE
+
+
+def session_rng(seed: int, session_index: int) -> np.random.Generator:
+    """A random generator of its own for one session, so a session's times do not depend on the others."""
+    return np.random.default_rng([seed, session_index])
+
+
+def agent_response_seconds(rng: np.random.Generator, mean_response_s: float) -> float:
+    """One exponentially distributed agent response time with mean ``mean_response_s``."""
+    if mean_response_s <= 0:
+        raise ValueError(f"mean_response_s must be > 0, got {mean_response_s}")
+    return float(rng.exponential(mean_response_s))
