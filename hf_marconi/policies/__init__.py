@@ -1,0 +1,32 @@
+"""Admission and eviction policies over the prefix tree: Marconi, SGLang+ (LRU), vLLM+ (blocks), no cache, alpha tuning."""
+
+from hf_marconi.policies.alpha import PAPER_ALPHA_GRID, WIDE_ALPHA_GRID, AlphaTuner, TuningRecord, oracle_alpha
+from hf_marconi.policies.base import CostModel, Policy
+from hf_marconi.policies.block import BlockPolicy
+from hf_marconi.policies.lru import LRUPolicy
+from hf_marconi.policies.marconi import MarconiPolicy, flop_efficiency
+from hf_marconi.policies.nocache import NoCachePolicy
+
+__all__ = [
+    "PAPER_ALPHA_GRID",
+    "WIDE_ALPHA_GRID",
+    "AlphaTuner",
+    "BlockPolicy",
+    "CostModel",
+    "LRUPolicy",
+    "MarconiPolicy",
+    "NoCachePolicy",
+    "Policy",
+    "TuningRecord",
+    "flop_efficiency",
+    "make_policy",
+    "oracle_alpha",
+]
+
+
+def make_policy(name: str, **kwargs) -> Policy:
+    """A policy by its report name: "marconi", "sglang+", "vllm+" or "no-cache"."""
+    makers = {"marconi": MarconiPolicy, "sglang+": LRUPolicy, "vllm+": BlockPolicy, "no-cache": NoCachePolicy}
+    if name not in makers:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(makers)}")
+    return makers[name](**kwargs)

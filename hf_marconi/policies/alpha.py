@@ -1,0 +1,140 @@
+"""Retrospective bootstrapping of Marconi's alpha, and the offline oracle (best static alpha for a whole trace).
+
+alpha stays 0 (pure LRU) until the first eviction, which happens after N requests. The tuner then snapshots the tree,
+records the next ``window_factor * N`` requests as the live store sees them, replays that window from the snapshot with
+every alpha of the grid on simulated payloads, and keeps the best by the objective. With ``retune=True`` it repeats
+this for every later window of the same length. The replays are deterministic: no wall clock enters them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from hf_marconi.policies.base import CostModel
+from hf_marconi.policies.marconi import MarconiPolicy
+
+if TYPE_CHECKING:
+    from hf_marconi.store import PrefixStore, StateSizes, StoreStats, TreeSnapshot
+
+# The paper's grid: 0, 0.1, ..., 2.0.
+PAPER_ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))
+# A logarithmic grid for long agentic contexts, where the best alpha can lie far above 2 (DESIGN.md).
+WIDE_ALPHA_GRID: tuple[float, ...] = (0.0,) + tuple(2.0**e for e in range(-3, 8))
+
+OBJECTIVES = ("token_hits", "flops_saved")
+
+
+def objective_value(stats: "StoreStats", objective: str) -> float:
+    if objective == "token_hits":
+        return float(stats.hit_tokens)
+    if objective == "flops_saved":
+        return stats.flops_saved
+    raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+
+
+def replay_window(
+    snapshot: "TreeSnapshot",
+    window: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+    alpha: float,
+    capacity_bytes: int,
+    costs: CostModel,
+    sizes: "StateSizes",
+) -> "StoreStats":
+    """Replay ``(input_ids, committed tokens)`` pairs from ``snapshot`` with a static alpha; returns the replay's stats."""
+    from hf_marconi.store import PrefixStore
+
+    store = PrefixStore.from_snapshot(snapshot, capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
+    for input_ids, tokens in window:
+        store.simulate_request(input_ids, tokens)
+    return store.stats()
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    after_request: int  # requests committed when the tuning ran
+    window_len: int
+    scores: dict[float, float]  # alpha -> objective over the window
+    alpha: float  # the alpha chosen
+
+
+@dataclass
+class AlphaTuner:
+    """Retrospective bootstrapping for a store whose policy has an ``alpha`` (see the module docstring).
+
+    Args:
+        grid: alphas to try; ties go to the one listed first.
+        window_factor: k in W = k * N (N = requests before the first eviction); the paper's artifact uses 5.
+        objective: "token_hits" or "flops_saved" summed over the replayed window.
+        retune: tune again after every further window of W requests.
+    """
+
+    grid: tuple[float, ...] = PAPER_ALPHA_GRID
+    window_factor: int = 5
+    objective: str = "token_hits"
+    retune: bool = False
+    history: list[TuningRecord] = field(default_factory=list)
+    _requests: int = 0
+    _finished: bool = False  # a single tuning (retune=False) has run
+    _window_len: int | None = None
+    _snapshot: "TreeSnapshot | None" = None
+    _window: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.grid or any(a < 0 for a in self.grid):
+            raise ValueError(f"grid must be a non-empty sequence of alphas >= 0, got {self.grid}")
+        if self.window_factor < 1:
+            raise ValueError(f"window_factor must be >= 1, got {self.window_factor}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
+
+    def after_commit(self, store: "PrefixStore", input_ids: tuple[int, ...], tokens: tuple[int, ...], evicted: bool) -> None:
+        """Called by the store after every commit (with its lock held)."""
+        self._requests += 1
+        if self._finished:
+            return
+        if self._snapshot is None:
+            if evicted:
+                self._window_len = self.window_factor * self._requests
+                self._snapshot = store.snapshot()
+            return
+        self._window.append((input_ids, tokens))
+        assert self._window_len is not None
+        if len(self._window) < self._window_len:
+            return
+        scores = {
+            alpha: objective_value(
+                replay_window(self._snapshot, self._window, alpha, store.capacity_bytes, store.costs, store.sizes),
+                self.objective,
+            )
+            for alpha in self.grid
+        }
+        best = max(self.grid, key=lambda a: (scores[a], -self.grid.index(a)))
+        self.history.append(TuningRecord(self._requests, len(self._window), scores, best))
+        store.note_alpha_tuning(best)
+        self._window = []
+        self._snapshot = store.snapshot() if self.retune else None
+        self._finished = not self.retune
+
+
+def oracle_alpha(
+    requests: Iterable[tuple[Sequence[int], Sequence[int]]],
+    capacity_bytes: int,
+    costs: CostModel,
+    sizes: "StateSizes",
+    grid: Sequence[float] = PAPER_ALPHA_GRID,
+    objective: str = "token_hits",
+) -> tuple[float, dict[float, "StoreStats"]]:
+    """Offline oracle: replay the whole trace (``(input_ids, committed tokens)`` pairs) once per static alpha; returns
+    the best alpha by ``objective`` (ties: first in ``grid``) and every alpha's stats."""
+    from hf_marconi.store import PrefixStore
+
+    pairs = [(tuple(i), tuple(t)) for i, t in requests]
+    results: dict[float, "StoreStats"] = {}
+    for alpha in grid:
+        store = PrefixStore(capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
+        for input_ids, tokens in pairs:
+            store.simulate_request(input_ids, tokens)
+        results[alpha] = store.stats()
+    best = max(grid, key=lambda a: (objective_value(results[a], objective), -list(grid).index(a)))
+    return best, results

@@ -1,0 +1,48 @@
+"""The policy protocol: where to take checkpoints (admission), what to refresh on access, what to drop (eviction).
+
+A policy never mutates the tree: it returns positions, refreshes recency fields, and picks a victim among the
+candidates the store hands it. The store does the mutation (decide, then act).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from hf_marconi.tree import Node
+
+
+class CostModel(Protocol):
+    """What the store and the policies need from :class:`hf_marconi.costs.CostModel`."""
+
+    def extend_flops(self, prefix_len: int, extend_len: int) -> float: ...
+
+
+class Policy(Protocol):
+    name: str
+    max_new_checkpoints: int | None  # checkpoints one request may add; None for no limit
+    alpha: float | None  # the FLOP-efficiency weight for policies that have one (Marconi), else None
+
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+        """Prefix lengths in ``(reuse_len, input_len - 1]`` to checkpoint during prefill, ascending. ``branch_len`` is
+        the branch point speculative insertion found (already capped at ``input_len - 1``), or None."""
+        ...
+
+    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
+        """Prefix lengths in ``[input_len, total_len]`` to checkpoint after decoding, ascending."""
+        ...
+
+    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
+        """Refresh recency after a lookup: ``path`` are the fully matched nodes, ``reused`` the node reused (or None)."""
+        ...
+
+    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
+        """Refresh recency after a commit stored a sequence along ``path`` (new nodes already carry ``clock``)."""
+        ...
+
+    def is_candidate(self, node: Node) -> bool:
+        """Whether an unlocked node with at most one child may be evicted under this policy."""
+        ...
+
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+        """The candidate to evict next (``candidates`` is non-empty)."""
+        ...

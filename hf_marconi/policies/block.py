@@ -1,0 +1,49 @@
+"""vLLM+: a checkpoint at every block boundary (prefix caching in fixed-size blocks), LRU eviction of leaf blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from hf_marconi.policies.base import CostModel
+from hf_marconi.policies.lru import least_recent, refresh_all
+from hf_marconi.tree import Node
+
+
+@dataclass
+class BlockPolicy:
+    """vLLM+ of the Marconi paper: recurrent states checkpointed at every ``block_size``-token boundary, so any
+    block-aligned prefix can be resumed; tokens past the last full block are not kept (as vLLM caches full blocks only).
+    Eviction takes the least recently used leaf; every node on an accessed path is refreshed."""
+
+    block_size: int = 32
+    name: str = "vllm+"
+    max_new_checkpoints: int | None = None
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be a positive number of tokens, got {self.block_size}")
+
+    def _boundaries(self, low: int, high: int) -> tuple[int, ...]:
+        """Block boundaries in ``(low, high]``."""
+        first = (low // self.block_size + 1) * self.block_size
+        return tuple(range(first, high + 1, self.block_size))
+
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+        return self._boundaries(reuse_len, input_len - 1)
+
+    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
+        return self._boundaries(input_len - 1, total_len)
+
+    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
+        refresh_all(path, clock)
+
+    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
+        refresh_all(path, clock)
+
+    def is_candidate(self, node: Node) -> bool:
+        return node.is_leaf
+
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+        return least_recent(candidates)

@@ -1,0 +1,44 @@
+"""SGLang+: Marconi's admission with the classic radix-cache eviction (LRU over leaves, every matched node refreshed)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from hf_marconi.policies.base import CostModel
+from hf_marconi.tree import Node
+
+
+def refresh_all(path: Sequence[Node], clock: int) -> None:
+    for node in path:
+        node.last_access = clock
+
+
+def least_recent(candidates: Sequence[Node]) -> Node:
+    return min(candidates, key=lambda n: (n.last_access, n.uid))
+
+
+class LRUPolicy:
+    """SGLang+ of the Marconi paper: a checkpoint at the branch point and at the end of each sequence (at most two per
+    request), eviction of the least recently used leaf, every node on an accessed path refreshed."""
+
+    name = "sglang+"
+    max_new_checkpoints = 2
+    alpha = None
+
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+        return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
+
+    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
+        return (total_len,)
+
+    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
+        refresh_all(path, clock)
+
+    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
+        refresh_all(path, clock)
+
+    def is_candidate(self, node: Node) -> bool:
+        return node.is_leaf
+
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+        return least_recent(candidates)

@@ -1,0 +1,79 @@
+"""Marconi: admission at branch points and sequence ends, eviction by recency + alpha * FLOP efficiency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from hf_marconi.policies.base import CostModel
+from hf_marconi.tree import Node
+
+
+def flops_saved_over_parent(node: Node, costs: CostModel) -> float:
+    """FLOPs a hit on ``node`` saves beyond a hit on its parent: extending the parent's prefix to the node's."""
+    parent_depth = node.parent.depth if node.parent is not None else 0
+    return costs.extend_flops(parent_depth, node.depth - parent_depth)
+
+
+def flop_efficiency(node: Node, costs: CostModel) -> float:
+    """FLOPs saved over the parent per byte the node itself holds (its edge's KV and its checkpoint).
+
+    The reference simulator divides by the KV of the whole prefix instead; the node's own bytes are what evicting it
+    gives back (all of them for a leaf) and what keeping it costs."""
+    return flops_saved_over_parent(node, costs) / max(node.nbytes, 1)
+
+
+def _normalise(values: list[float]) -> list[float]:
+    """Min-max to [0, 1]; all equal (or a single value) maps to 1."""
+    low, high = min(values), max(values)
+    if high == low:
+        return [1.0] * len(values)
+    span = high - low
+    return [(v - low) / span for v in values]
+
+
+@dataclass
+class MarconiPolicy:
+    """Marconi (Pan et al., MLSys 2025).
+
+    Admission: a checkpoint at the branch point speculative insertion finds (purely-input reuse) and one after the last
+    token of the sequence (input+output reuse): at most two per request. Eviction: among nodes with at most one child,
+    the lowest ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates). Only the reused
+    node's recency is refreshed on a hit. ``alpha`` may be changed between requests by an alpha tuner.
+    """
+
+    alpha: float = 0.0
+    name: str = "marconi"
+    max_new_checkpoints: int | None = 2
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"alpha weighs FLOP efficiency against recency and must be >= 0, got {self.alpha}")
+
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+        return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
+
+    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
+        return (total_len,)
+
+    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
+        if reused is not None:
+            reused.last_access = clock
+
+    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
+        return None  # the nodes and checkpoints a commit creates carry the clock already
+
+    def is_candidate(self, node: Node) -> bool:
+        return True
+
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+        if len(candidates) == 1:
+            return candidates[0]
+        recency = _normalise([float(n.last_access) for n in candidates])
+        if self.alpha == 0:
+            scores = recency
+        else:
+            efficiency = _normalise([flop_efficiency(n, costs) for n in candidates])
+            scores = [r + self.alpha * e for r, e in zip(recency, efficiency)]
+        best = min(range(len(candidates)), key=lambda i: (scores[i], candidates[i].last_access, candidates[i].uid))
+        return candidates[best]

@@ -1,0 +1,32 @@
+"""No prefix cache: nothing is checkpointed, so nothing is stored and every request is a miss."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from hf_marconi.policies.base import CostModel
+from hf_marconi.tree import Node
+
+
+class NoCachePolicy:
+    name = "no-cache"
+    max_new_checkpoints = 0
+    alpha = None
+
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+        return ()
+
+    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
+        return ()
+
+    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
+        return None
+
+    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
+        return None
+
+    def is_candidate(self, node: Node) -> bool:
+        return False
+
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+        raise RuntimeError("the no-cache policy stores nothing, so it never evicts")

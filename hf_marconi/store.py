@@ -1,0 +1,456 @@
+"""The prefix store: radix tree + admission/eviction policy + capacity + statistics.
+
+One object serves the live cache (payloads hold tensors) and the simulator (payloads are byte counts). A request goes
+through :meth:`PrefixStore.plan` (look up and lock the reusable prefix, choose prefill capture positions) and then
+:meth:`PrefixStore.commit` (store the new states, evicting per policy) or :meth:`PrefixStore.abort`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from hf_marconi.policies.base import CostModel, Policy
+from hf_marconi.tree import EdgePayload, LockReceipt, Node, Payload, RadixTree, SimulatedCheckpoint, SimulatedEdge
+
+if TYPE_CHECKING:
+    from hf_marconi.policies.alpha import AlphaTuner
+
+PURELY_INPUT = "purely_input"
+INPUT_OUTPUT = "input_output"
+
+
+@dataclass(frozen=True)
+class StateSizes:
+    """Real byte sizes for one sequence (batch row)."""
+
+    kv_bytes_per_token: int
+    checkpoint_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes_per_token < 0 or self.checkpoint_bytes < 0:
+            raise ValueError(f"state sizes must be >= 0 bytes, got {self}")
+        if self.kv_bytes_per_token == 0 and self.checkpoint_bytes == 0:
+            raise ValueError("a model with neither KV nor checkpoint bytes has no state to cache")
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What :meth:`PrefixStore.plan` decided for one request; hand it back to ``commit`` or ``abort`` exactly once."""
+
+    input_ids: tuple[int, ...]
+    reuse_len: int  # tokens whose states are restored (0 = miss)
+    reuse_edges: tuple[EdgePayload, ...]  # root..reuse node; their tokens concatenate to input_ids[:reuse_len]
+    reuse_checkpoint: Payload | None  # checkpoint at reuse_len (None iff reuse_len == 0)
+    capture_positions: tuple[int, ...]  # strictly increasing, each in (reuse_len, len(input_ids) - 1]
+    hit_kind: str | None  # "purely_input", "input_output", or None on a miss
+    matched_len: int  # tokens of input_ids found in the tree, checkpoint or not
+    receipt: LockReceipt = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class AdmitResult:
+    """What one commit stored."""
+
+    refused: bool  # True when the new entries could not fit even after evicting every unlocked entry
+    new_tokens: int  # tokens whose KV was stored
+    new_checkpoints: tuple[int, ...]  # prefix lengths that received a checkpoint
+    nodes_evicted: int
+    bytes_freed: int
+
+
+@dataclass
+class StoreStats:
+    lookups: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+    input_tokens: int = 0
+    flops_saved: float = 0.0
+    input_flops: float = 0.0  # FLOPs to prefill every looked-up input from scratch
+    hits_purely_input: int = 0
+    hits_input_output: int = 0
+    hit_tokens_purely_input: int = 0
+    hit_tokens_input_output: int = 0
+    commits: int = 0
+    kv_tokens_admitted: int = 0
+    checkpoints_admitted: int = 0
+    checkpoints_evicted: int = 0
+    nodes_evicted: int = 0
+    admissions_refused: int = 0
+    bytes: int = 0
+    peak_bytes: int = 0
+    capacity_bytes: int = 0
+    alpha: float | None = None
+    alpha_tunings: int = 0
+
+    @property
+    def token_hit_rate(self) -> float:
+        return self.hit_tokens / self.input_tokens if self.input_tokens else 0.0
+
+    @property
+    def request_hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def flops_saved_fraction(self) -> float:
+        return self.flops_saved / self.input_flops if self.input_flops else 0.0
+
+    def asdict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            token_hit_rate=self.token_hit_rate,
+            request_hit_rate=self.request_hit_rate,
+            flops_saved_fraction=self.flops_saved_fraction,
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class _SnapshotNode:
+    parent: int  # index into TreeSnapshot.nodes, -1 for the root
+    key: tuple[int, ...]
+    edge_bytes_per_token: int
+    checkpoint_bytes: int | None
+    origin: str | None
+    last_access: int
+
+
+@dataclass(frozen=True)
+class TreeSnapshot:
+    """The tree's shape and byte counts at one moment, payloads reduced to sizes (parents listed before children)."""
+
+    nodes: tuple[_SnapshotNode, ...]
+    clock: int
+
+
+class PrefixStore:
+    """Radix tree + admission/eviction policy + capacity + stats. Thread-safe (an internal RLock).
+
+    Args:
+        capacity_bytes: the most bytes the stored payloads may hold after any commit.
+        policy: admission and eviction (``hf_marconi.policies``).
+        costs: FLOPs of extending a prefix (``hf_marconi.costs.CostModel``).
+        sizes: byte sizes of one sequence's states; sizes simulated payloads (simulator, alpha tuning).
+        tuner: optional alpha tuner (retrospective bootstrapping) for policies with an ``alpha``.
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        policy: Policy,
+        costs: CostModel,
+        sizes: StateSizes,
+        tuner: "AlphaTuner | None" = None,
+    ):
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        if tuner is not None and policy.alpha is None:
+            raise ValueError(f"policy {policy.name!r} has no alpha to tune; pass tuner=None or use MarconiPolicy")
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy
+        self.costs = costs
+        self.sizes = sizes
+        self.tuner = tuner
+        self._tree = RadixTree()
+        self._stats = StoreStats(capacity_bytes=capacity_bytes)
+        self._clock = 0
+        self._open: dict[int, LockReceipt] = {}  # id(receipt) -> receipt of every plan not yet committed or aborted
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------------------- plan
+    def plan(self, input_ids: Sequence[int]) -> RequestPlan:
+        """Look up the deepest reusable prefix of ``input_ids`` (at most all but its last token), lock it, count the
+        lookup, and choose the positions to checkpoint during prefill."""
+        ids = tuple(int(t) for t in input_ids)
+        if not ids:
+            raise ValueError("input_ids is empty: a request needs at least one token to produce logits")
+        with self._lock:
+            self._clock += 1
+            match = self._tree.match(ids)
+            limit = len(ids) - 1
+            reused: Node | None = None
+            for node in match.path:
+                if node.depth > limit:
+                    break
+                if node.checkpoint is not None:
+                    reused = node
+            reuse_len = reused.depth if reused is not None else 0
+            branch = self._branch_point(ids, match)
+            captures = tuple(self.policy.capture_positions(reuse_len, branch, len(ids)))
+            if any(not reuse_len < p <= limit for p in captures) or list(captures) != sorted(set(captures)):
+                raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
+            receipt = self._tree.lock(reused if reused is not None else self._tree.root)
+            self._open[id(receipt)] = receipt
+            self.policy.touch(match.path, reused, self._clock)
+            self._count_lookup(ids, reused)
+            return RequestPlan(
+                input_ids=ids,
+                reuse_len=reuse_len,
+                reuse_edges=tuple(n.edge for n in reused.path()) if reused is not None else (),  # type: ignore[misc]
+                reuse_checkpoint=reused.checkpoint if reused is not None else None,
+                capture_positions=captures,
+                hit_kind=reused.origin if reused is not None else None,
+                matched_len=match.matched_len,
+                receipt=receipt,
+            )
+
+    def _branch_point(self, ids: tuple[int, ...], match) -> int | None:
+        """Where inserting ``ids`` would branch off the stored paths, capped at ``len(ids) - 1``, or None.
+
+        A fully matched input branches at its own end (capped: the last token must be fed for logits), which makes a
+        repeated identical prompt a hit for all but its last token from its third occurrence on."""
+        matched = match.matched_len
+        if matched == len(ids):
+            return len(ids) - 1 if len(ids) > 1 else None
+        if matched == 0:
+            return None
+        if match.partial is not None or match.path[-1].checkpoint is None:
+            return matched
+        return None
+
+    def _count_lookup(self, ids: tuple[int, ...], reused: Node | None) -> None:
+        stats = self._stats
+        stats.lookups += 1
+        stats.input_tokens += len(ids)
+        stats.input_flops += self.costs.extend_flops(0, len(ids))
+        if reused is None:
+            return
+        stats.hits += 1
+        stats.hit_tokens += reused.depth
+        stats.flops_saved += self.costs.extend_flops(0, reused.depth)
+        if reused.origin == PURELY_INPUT:
+            stats.hits_purely_input += 1
+            stats.hit_tokens_purely_input += reused.depth
+        else:
+            stats.hits_input_output += 1
+            stats.hit_tokens_input_output += reused.depth
+
+    def checkpoint_positions(self, plan: RequestPlan, total_len: int) -> tuple[int, ...]:
+        """Every prefix length the caller should supply a checkpoint for at commit, ascending."""
+        if total_len < len(plan.input_ids):
+            raise ValueError(f"total_len {total_len} is shorter than the input ({len(plan.input_ids)} tokens)")
+        tail = self.policy.output_positions(len(plan.input_ids), total_len)
+        return tuple(sorted(set(plan.capture_positions) | set(tail)))
+
+    # ----------------------------------------------------------------------------------------------- commit
+    def commit(
+        self,
+        plan: RequestPlan,
+        tokens: Sequence[int],
+        make_edge: Callable[[int, int], EdgePayload],
+        checkpoints: Mapping[int, Payload],
+    ) -> AdmitResult:
+        """Store ``tokens`` (the input followed by what the caller fed after it) with the checkpoints the policy allows,
+        evicting per policy so that the store fits its capacity; releases the plan's lock.
+
+        ``make_edge(start, end)`` is called at most once, for the token range not stored yet (``start >=
+        plan.reuse_len``). Tokens past the deepest admitted checkpoint are not stored: no lookup could resume there.
+        """
+        seq = tuple(int(t) for t in tokens)
+        with self._lock:
+            self._check_open(plan)
+            if seq[: len(plan.input_ids)] != plan.input_ids:
+                raise ValueError("tokens must start with plan.input_ids; call abort(plan) to drop this request")
+            self._clock += 1
+            result = self._admit(plan, seq, make_edge, checkpoints)
+            self._release(plan.receipt)
+            self._stats.commits += 1
+            if self.tuner is not None:
+                self.tuner.after_commit(self, plan.input_ids, seq, evicted=result.nodes_evicted > 0)
+            return result
+
+    def _admit(
+        self,
+        plan: RequestPlan,
+        seq: tuple[int, ...],
+        make_edge: Callable[[int, int], EdgePayload],
+        checkpoints: Mapping[int, Payload],
+    ) -> AdmitResult:
+        tree = self._tree
+        match = tree.match(seq)
+        existing = {n.depth for n in match.path if n.checkpoint is not None}
+        wanted = [p for p in self.checkpoint_positions(plan, len(seq)) if p in checkpoints and p not in existing]
+        limit = self.policy.max_new_checkpoints
+        if limit is not None and len(wanted) > limit:
+            wanted = wanted[len(wanted) - limit :]  # keep the deepest: they cover the most tokens
+        if not wanted:
+            if match.path:
+                self.policy.touch_inserted(match.path, self._clock)
+            return AdmitResult(False, 0, (), 0, 0)
+        end = wanted[-1]
+        stored_end = min(match.matched_len, end)
+        deepest = self._deepest_within(match, end)
+        new_edge = make_edge(stored_end, end) if end > stored_end else None
+        needed = (new_edge.nbytes if new_edge is not None else 0) + sum(checkpoints[p].nbytes for p in wanted)
+
+        guard = tree.lock(deepest if deepest is not None else tree.root)
+        self._open[id(guard)] = guard
+        try:
+            if self._locked_bytes() + needed > self.capacity_bytes:
+                self._stats.admissions_refused += 1
+                return AdmitResult(True, 0, (), 0, 0)
+            evicted, freed = self._evict_until(self.capacity_bytes - needed)
+            clock = self._clock
+            attach = tree.walk_to(seq, [stored_end])[0] if stored_end > 0 else tree.root
+            if new_edge is not None:
+                tree.add_leaf(attach, seq[stored_end:end], new_edge, clock)
+            for pos, node in zip(wanted, tree.walk_to(seq, wanted)):
+                origin = PURELY_INPUT if pos <= len(plan.input_ids) and pos < len(seq) else INPUT_OUTPUT
+                tree.set_checkpoint(node, checkpoints[pos], origin, clock)
+                node.last_access = clock
+            end_node = tree.walk_to(seq, [end])[0]
+            self.policy.touch_inserted(end_node.path(), clock)
+        finally:
+            self._release(guard)
+        stats = self._stats
+        stats.kv_tokens_admitted += end - stored_end
+        stats.checkpoints_admitted += len(wanted)
+        stats.bytes = tree.nbytes
+        stats.peak_bytes = max(stats.peak_bytes, tree.nbytes)
+        return AdmitResult(False, end - stored_end, tuple(wanted), evicted, freed)
+
+    @staticmethod
+    def _deepest_within(match, end: int) -> Node | None:
+        """The deepest node the stored path of the sequence reaches into, up to prefix length ``end``."""
+        for node in match.path:
+            if node.depth >= end:
+                return node
+        if match.partial is not None:
+            return match.partial  # it will be split where the match ends, so it must stay
+        return match.path[-1] if match.path else None
+
+    def _locked_bytes(self) -> int:
+        """Bytes held by nodes on any locked path (no eviction can free them)."""
+        seen: dict[int, int] = {}
+        for receipt in self._open.values():
+            for node in receipt.node.path():
+                seen[node.uid] = node.nbytes
+        return sum(seen.values())
+
+    def _evict_until(self, budget: int) -> tuple[int, int]:
+        """Evict per policy until the tree holds at most ``budget`` bytes; returns (nodes evicted, bytes freed)."""
+        tree, evicted, freed = self._tree, 0, 0
+        while tree.nbytes > budget:
+            candidates = [n for n in tree.thin.values() if n.lock_ref == 0 and self.policy.is_candidate(n)]
+            if not candidates:
+                raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
+            victim = self.policy.choose_victim(candidates, self.costs)
+            freed += self._evict(victim)
+            evicted += 1
+        return evicted, freed
+
+    def _evict(self, victim: Node) -> int:
+        tree, stats = self._tree, self._stats
+        stats.nodes_evicted += 1
+        if victim.checkpoint is not None:
+            stats.checkpoints_evicted += 1
+        if victim.children:
+            return tree.merge_into_child(victim)
+        parent = victim.parent
+        before = tree.nbytes
+        tree.remove_leaf(victim)
+        assert parent is not None
+        tree.compact(parent)  # a checkpoint-less branch node left with one child folds into it
+        return before - tree.nbytes
+
+    # ------------------------------------------------------------------------------------------- release
+    def abort(self, plan: RequestPlan) -> None:
+        """Release the plan's lock without storing anything."""
+        with self._lock:
+            self._check_open(plan)
+            self._release(plan.receipt)
+
+    def _check_open(self, plan: RequestPlan) -> None:
+        if id(plan.receipt) not in self._open or self._open[id(plan.receipt)] is not plan.receipt:
+            raise RuntimeError("this plan was already committed or aborted, or belongs to another store")
+
+    def _release(self, receipt: LockReceipt) -> None:
+        del self._open[id(receipt)]
+        path = receipt.node.path()
+        self._tree.unlock(receipt)
+        for node in reversed(path):  # nodes the lock kept from folding away may fold now
+            if node.parent is not None:
+                self._tree.compact(node)
+        self._stats.bytes = self._tree.nbytes
+
+    # -------------------------------------------------------------------------------------------- queries
+    @property
+    def nbytes(self) -> int:
+        return self._tree.nbytes
+
+    @property
+    def tree(self) -> RadixTree:
+        """The underlying tree (read-only use: tests, reports)."""
+        return self._tree
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            self._stats.bytes = self._tree.nbytes
+            self._stats.alpha = self.policy.alpha
+            return StoreStats(**{k: v for k, v in asdict(self._stats).items()})
+
+    def note_alpha_tuning(self, alpha: float) -> None:
+        """Set the policy's alpha (called by the alpha tuner between requests)."""
+        with self._lock:
+            self.policy.alpha = alpha
+            self._stats.alpha_tunings += 1
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the broken invariant (tree structure, byte accounting, capacity)."""
+        with self._lock:
+            self._tree.check_invariants()
+            if not self._open and self._tree.nbytes > self.capacity_bytes:
+                raise AssertionError(f"capacity exceeded: {self._tree.nbytes} > {self.capacity_bytes} bytes")
+            if not self._open and self._tree.root.lock_ref != 0:
+                raise AssertionError("locks remain although no plan is open")
+
+    # ------------------------------------------------------------------------------------------ simulation
+    def simulate_request(self, input_ids: Sequence[int], tokens: Sequence[int]) -> tuple[RequestPlan, AdmitResult]:
+        """Plan and commit one request with simulated payloads sized from ``self.sizes``."""
+        plan = self.plan(input_ids)
+        ckpt = SimulatedCheckpoint(self.sizes.checkpoint_bytes)
+        positions = self.checkpoint_positions(plan, len(tokens))
+        kv = self.sizes.kv_bytes_per_token
+        result = self.commit(plan, tokens, lambda start, end: SimulatedEdge(end - start, kv), {p: ckpt for p in positions})
+        return plan, result
+
+    def snapshot(self) -> TreeSnapshot:
+        """The tree reduced to sizes, for replaying from this moment (alpha tuning)."""
+        with self._lock:
+            index = {self._tree.root.uid: -1}
+            nodes = []
+            for node in self._tree.nodes():  # depth-first: parents before children
+                assert node.parent is not None and node.edge is not None
+                index[node.uid] = len(nodes)
+                nodes.append(
+                    _SnapshotNode(
+                        parent=index[node.parent.uid],
+                        key=node.key,
+                        edge_bytes_per_token=node.edge.nbytes // len(node.key),
+                        checkpoint_bytes=node.checkpoint.nbytes if node.checkpoint is not None else None,
+                        origin=node.origin,
+                        last_access=node.last_access,
+                    )
+                )
+            return TreeSnapshot(tuple(nodes), self._clock)
+
+    @classmethod
+    def from_snapshot(
+        cls, snapshot: TreeSnapshot, capacity_bytes: int, policy: Policy, costs: CostModel, sizes: StateSizes
+    ) -> "PrefixStore":
+        """A simulated store holding the snapshot's entries (payloads are byte counts)."""
+        store = cls(capacity_bytes, policy, costs, sizes)
+        tree = store._tree
+        built: list[Node] = []
+        for entry in snapshot.nodes:
+            parent = tree.root if entry.parent < 0 else built[entry.parent]
+            node = tree.add_leaf(parent, entry.key, SimulatedEdge(len(entry.key), entry.edge_bytes_per_token), 0)
+            node.last_access = entry.last_access
+            if entry.checkpoint_bytes is not None:
+                assert entry.origin is not None
+                tree.set_checkpoint(node, SimulatedCheckpoint(entry.checkpoint_bytes), entry.origin, entry.last_access)
+            built.append(node)
+        store._clock = snapshot.clock
+        store._stats.bytes = store._stats.peak_bytes = tree.nbytes
+        return store
