@@ -26,12 +26,17 @@ from pathlib import Path
 
 from hf_marconi.trace import Request
 
-from . import swebench
+from . import bbh, mooncake, mtbench, oasst, swebench, tau
+from .bbh import build_bbh
 from .cache import cache_key, cached, default_cache_dir
 from .sources import data_file, resolve_data_dir
 from .stats import TraceStats, trace_stats
 from .store import load_trace, save_trace
+from .mooncake import build_mooncake
+from .mtbench import build_mtbench
+from .oasst import build_oasst
 from .swebench import build_swebench
+from .tau import build_tau
 from .tokenizer import TextEncoder, load_text_encoder, resolve_text_encoder
 
 
@@ -50,6 +55,11 @@ class TraceBuilder:
 
 BUILDERS: dict[str, TraceBuilder] = {
     "swebench": TraceBuilder(build_swebench, swebench.DATA_FILE, "SWE-bench agent runs"),
+    "tau": TraceBuilder(build_tau, tau.DATA_FILE, "tau-bench airline customer service"),
+    "oasst": TraceBuilder(build_oasst, oasst.DATA_FILE, "OpenAssistant trees, root-to-leaf paths"),
+    "bbh": TraceBuilder(build_bbh, bbh.DATA_FILE, "BIG-Bench-Hard few-shot chain-of-thought queries"),
+    "mtbench": TraceBuilder(build_mtbench, mtbench.DATA_FILE, "MT-bench two-turn questions, synthetic answers"),
+    "mooncake": TraceBuilder(build_mooncake, mooncake.DATA_FILE, "Mooncake production chat, synthetic tokens"),
 }
 
 
@@ -80,7 +90,10 @@ def build_trace(
 
     if not use_cache:
         return build()
-    key = cache_key(name, options, data_file(data_dir, builder.data_file), encoder.identity)
+    all_options = inspect.signature(builder.build).bind_partial(**options)
+    all_options.apply_defaults()
+    hashed = {k: v for k, v in all_options.arguments.items() if k not in ("data_dir", "tokenizer")}
+    key = cache_key(name, hashed, data_file(data_dir, builder.data_file), encoder.identity)
     return cached(build, Path(cache_dir) if cache_dir is not None else default_cache_dir(), f"{name}-{key}")
 
 
@@ -90,7 +103,12 @@ __all__ = [
     "TextEncoder",
     "TraceBuilder",
     "TraceStats",
+    "build_bbh",
+    "build_mooncake",
+    "build_mtbench",
+    "build_oasst",
     "build_swebench",
+    "build_tau",
     "build_trace",
     "load_text_encoder",
     "load_trace",

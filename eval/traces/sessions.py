@@ -8,13 +8,11 @@ of request ``t+1`` therefore starts with the input and output of request ``t``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from hf_marconi.trace import Request
 
-from .timing import agent_response_seconds, typing_seconds
+from .timing import typing_seconds
 
 
 @dataclass(frozen=True)
@@ -45,13 +43,21 @@ def concatenate(history: Sequence[Message]) -> tuple[int, ...]:
     return tuple(token for message in history for token in message.tokens)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SessionTiming:
-    """Where a session starts and how long agent turns take."""
+    """Where a session starts and how long agent turns take.
+
+    ``agent_delay`` draws one agent response time; ``None`` for chat workloads, where every model turn
+    follows a user message.
+    """
 
     start: float
-    mean_response_s: float
-    rng: np.random.Generator = field(repr=False)
+    agent_delay: Callable[[], float] | None = None
+
+    def next_agent_delay(self) -> float:
+        if self.agent_delay is None:
+            raise ValueError("a model turn follows no user message: give the session an agent_delay")
+        return self.agent_delay()
 
 
 def session_requests(
@@ -81,7 +87,7 @@ def session_requests(
         if len(input_ids) > max_input_tokens:
             break
         if requests:
-            arrival += typing_seconds(typed_words) if typed else agent_response_seconds(timing.rng, timing.mean_response_s)
+            arrival += typing_seconds(typed_words) if typed else timing.next_agent_delay()
         if input_ids:
             requests.append(Request(session_id, arrival, input_ids, message.tokens, {**meta, "turn": len(requests)}))
         typed, typed_words = False, 0

@@ -29,6 +29,8 @@ import pyarrow as pa
 
 from hf_marconi.trace import Request
 
+from .shared_ints import SharedInts
+
 FIELDS = ("session_id", "arrival", "input_ids", "output_ids", "meta")
 
 
@@ -73,7 +75,7 @@ def _save_jsonl(requests: Sequence[Request], path: Path) -> None:
 
 def _load_jsonl(path: Path) -> list[Request]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    shared = _SharedInts()
+    shared = SharedInts()
     with opener(path, "rt", encoding="utf-8") as lines:
         return [
             Request(
@@ -110,36 +112,11 @@ def _to_dataset(requests: Sequence[Request]):
     return datasets.Dataset(table)
 
 
-class _SharedInts:
-    """Token ids as tuples whose int objects are shared, so a long trace costs 8 bytes per token."""
-
-    def __init__(self) -> None:
-        self._ints = np.arange(0, dtype=object)
-
-    def _grow(self, size: int) -> None:
-        if size > len(self._ints):
-            self._ints = np.array(list(range(size)), dtype=object)
-
-    def tuples_of_column(self, column: pa.ChunkedArray) -> list[tuple[int, ...]]:
-        rows: list[tuple[int, ...]] = []
-        for chunk in column.chunks:
-            values = chunk.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-            offsets = chunk.offsets.to_numpy() - chunk.offsets[0].as_py()
-            self._grow(int(values.max()) + 1 if len(values) else 0)
-            shared = self._ints[values].tolist()
-            rows.extend(tuple(shared[offsets[i] : offsets[i + 1]]) for i in range(len(chunk)))
-        return rows
-
-    def tuple_of(self, ids: list[int]) -> tuple[int, ...]:
-        self._grow(max(ids, default=-1) + 1)
-        return tuple(self._ints[ids].tolist()) if ids else ()
-
-
 def _from_table(table: pa.Table) -> list[Request]:
     missing = [name for name in FIELDS if name not in table.column_names]
     if missing:
         raise ValueError(f"not a trace: columns {missing} missing; write traces with eval.traces.save_trace")
-    shared = _SharedInts()
+    shared = SharedInts()
     inputs = shared.tuples_of_column(table.column("input_ids"))
     outputs = shared.tuples_of_column(table.column("output_ids"))
     return [

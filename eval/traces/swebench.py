@@ -22,7 +22,7 @@ from hf_marconi.trace import Request
 
 from .sessions import Message, SessionTiming, concatenate, session_requests
 from .sources import data_file, read_jsonl, resolve_data_dir
-from .timing import session_rng, session_start
+from .timing import agent_response_times, session_start
 from .tokenizer import TextEncoder, message_text, resolve_text_encoder
 
 DATA_FILE = "swebench_trajectories.jsonl.gz"
@@ -65,8 +65,10 @@ def build_swebench(
     requests: list[Request] = []
     for index, run in enumerate(tqdm(runs, desc="swebench: sessions", disable=None, leave=False)):
         messages = _messages(run["messages"], token_ids)
-        timing = SessionTiming(session_start(index, sessions_per_second), mean_response_s, session_rng(seed, index))
-        meta = {"dataset": "swebench", "instance_id": run["instance_id"]}
+        timing = SessionTiming(
+            session_start(index, sessions_per_second), agent_response_times(seed, index, mean_response_s)
+        )
+        meta = {"dataset": "swebench", "session": index, "instance_id": run["instance_id"]}
         requests += session_requests(f"swebench-{index}", messages, timing, max_input_tokens, meta, render)
     requests.sort(key=lambda request: request.arrival)
     return requests

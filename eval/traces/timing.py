@@ -10,6 +10,8 @@ Both delays count from the previous request's arrival.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 TYPING_WORDS_PER_MINUTE = 90.0
@@ -32,13 +34,13 @@ def typing_seconds(words: int) -> float:
     return words * 60.0 / TYPING_WORDS_PER_MINUTE
 
 
-def session_rng(seed: int, session_index: int) -> np.random.Generator:
-    """A random generator of its own for one session, so a session's times do not depend on the others."""
-    return np.random.default_rng([seed, session_index])
+def agent_response_times(seed: int, session_index: int, mean_response_s: float) -> Callable[[], float]:
+    """A draw of exponentially distributed agent response times (mean ``mean_response_s``) for one session.
 
-
-def agent_response_seconds(rng: np.random.Generator, mean_response_s: float) -> float:
-    """One exponentially distributed agent response time with mean ``mean_response_s``."""
+    Each session has a generator of its own, seeded by ``(seed, session_index)``, so its times do not
+    depend on how many other sessions are built.
+    """
     if mean_response_s <= 0:
         raise ValueError(f"mean_response_s must be > 0, got {mean_response_s}")
-    return float(rng.exponential(mean_response_s))
+    rng = np.random.default_rng([seed, session_index])
+    return lambda: float(rng.exponential(mean_response_s))
