@@ -241,7 +241,8 @@ def test_hugging_face_tokenizer_folder_gives_the_same_ids(encoder, tmp_path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    bpe = ByteLevelBPETokenizer(str(DATA_DIR / "tokenizer_gpt2" / "vocab.json"), str(DATA_DIR / "tokenizer_gpt2" / "merges.txt"))
+    gpt2 = DATA_DIR / "tokenizer_gpt2"
+    bpe = ByteLevelBPETokenizer(str(gpt2 / "vocab.json"), str(gpt2 / "merges.txt"))
     PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(tmp_path)
     hf_encoder = load_text_encoder(tmp_path)
     messages = [{"role": "user", "content": "Hello there,  world!\n\tdef f(x): return x"}]

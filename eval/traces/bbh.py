@@ -47,12 +47,8 @@ def build_bbh(
     queries = [(task, example) for task in tasks for example in task["examples"][:max_examples_per_task]]
     random.Random(seed).shuffle(queries)
     queries = queries[:max_sessions]
-    prompts = dict(
-        zip(
-            (task["task"] for task in tasks),
-            encoder.encode_messages([{"role": "user", "content": task["cot_prompt"]} for task in tasks], "bbh: prompts"),
-        )
-    )
+    prompt_messages = [{"role": "user", "content": task["cot_prompt"]} for task in tasks]
+    prompts = dict(zip((task["task"] for task in tasks), encoder.encode_messages(prompt_messages, "bbh: prompts")))
     query_tokens = encoder.encode_messages(
         [{"role": "user", "content": f"Q: {example['input']}\nA: Let's think step by step."} for _, example in queries],
         desc="bbh: queries",

@@ -29,59 +29,78 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     names = ", ".join(f"{name} ({b.description})" for name, b in BUILDERS.items())
-    build.add_argument("--names", default=",".join(BUILDERS), help=f"comma-separated traces to build, from: {names} (default: all)")
-    build.add_argument(
-        "--data-dir", type=Path, default=None,
+    add = build.add_argument
+    add("--names", default=",".join(BUILDERS), help=f"comma-separated traces to build, from: {names} (default: all)")
+    add(
+        "--data-dir",
+        type=Path,
         help="folder holding the workload files (default: $HF_MARCONI_DATA, else shared/data beside the repository)",
     )
-    build.add_argument(
-        "--tokenizer", type=Path, default=None,
+    add(
+        "--tokenizer",
+        type=Path,
         help="local tokenizer folder: a Hugging Face tokenizer or vocab.json + merges.txt "
         "(default: tokenizer_gpt2 in the data folder)",
     )
-    build.add_argument(
-        "--out", type=Path, default=None,
+    add(
+        "--out",
+        type=Path,
         help="folder to save the traces in, one per name: <out>/<name> as a datasets.Dataset folder, or "
         "<out>/<name>.jsonl.gz with --format jsonl (default: do not save, only print statistics)",
     )
-    build.add_argument("--format", choices=("dataset", "jsonl"), default="dataset", help="format of the saved traces (default: %(default)s)")
-    build.add_argument(
-        "--max-input-tokens", type=int, default=32768,
+    add("--format", choices=("dataset", "jsonl"), default="dataset", help="saved traces' format (default: %(default)s)")
+    add(
+        "--max-input-tokens",
+        type=int,
+        default=32768,
         help="a session ends before its first request whose input is longer than this (default: %(default)s)",
     )
-    build.add_argument(
-        "--sessions-per-second", type=float, default=1.0,
-        help="session i starts at i / this (not used by mooncake, which keeps its real timestamps; default: %(default)s)",
+    add(
+        "--sessions-per-second",
+        type=float,
+        default=1.0,
+        help="session i starts at i / this; not used by mooncake, which keeps its real timestamps "
+        "(default: %(default)s)",
     )
-    build.add_argument(
-        "--mean-response-s", type=float, default=5.0,
-        help="mean of the exponential (Poisson) agent response time between agent turns "
-        "(swebench, tau; the paper used 5, 7.5 and 10; default: %(default)s)",
+    add(
+        "--mean-response-s",
+        type=float,
+        default=5.0,
+        help="mean of the exponential (Poisson) agent response time between agent turns of swebench and tau; "
+        "the paper used 5, 7.5 and 10 (default: %(default)s)",
     )
-    build.add_argument("--seed", type=int, default=0, help="seed of response times, orderings and synthetic tokens (default: %(default)s)")
-    build.add_argument(
-        "--max-sessions", type=int, default=None,
-        help="use only the first sessions of each trace (mooncake: the first requests); for quick looks (default: all)",
+    add("--seed", type=int, default=0, help="seed of response times, orders, synthetic tokens (default: %(default)s)")
+    add(
+        "--max-sessions",
+        type=int,
+        help="use only the first sessions of each trace (mooncake: the first requests), for quick looks "
+        "(default: all)",
     )
-    build.add_argument(
-        "--collapse-observations", action="store_true",
+    add(
+        "--collapse-observations",
+        action="store_true",
         help="swebench: replace all but the most recent tool observations by a placeholder, as agent "
         "frameworks do (breaks prefix reuse at the collapse point)",
     )
-    build.add_argument(
-        "--keep-observations", type=int, default=3,
-        help="swebench with --collapse-observations: how many most recent observations stay whole (default: %(default)s)",
+    add(
+        "--keep-observations",
+        type=int,
+        default=3,
+        help="swebench with --collapse-observations: how many most recent observations stay whole "
+        "(default: %(default)s)",
     )
-    build.add_argument(
-        "--bbh-examples-per-task", type=int, default=None,
+    add(
+        "--bbh-examples-per-task",
+        type=int,
         help="bbh: use only the first examples of each task (default: all 6,511 examples)",
     )
-    build.add_argument("--mtbench-output-tokens", type=int, default=256, help="mtbench: length of each synthetic answer (default: %(default)s)")
-    build.add_argument(
-        "--cache-dir", type=Path, default=None,
+    add("--mtbench-output-tokens", type=int, default=256, help="mtbench: synthetic answer length (default: 256)")
+    add(
+        "--cache-dir",
+        type=Path,
         help="where built traces are cached (default: $HF_MARCONI_CACHE/traces, else ~/.cache/hf_marconi/traces)",
     )
-    build.add_argument("--no-cache", action="store_true", help="build from scratch and do not store the result")
+    add("--no-cache", action="store_true", help="build from scratch and do not store the result")
     build.set_defaults(run=run_build)
 
 

@@ -5,7 +5,8 @@ consecutive 512-token input blocks; equal ids mean an equal prefix block. Every 
 block of 512 synthetic token ids, drawn uniformly from the tokenizer's vocabulary by a generator seeded with
 ``(seed, hash_id)``, and a request's input is its blocks back to back, the last block cut to the input
 length when that is not a multiple of 512. Outputs are ``output_length`` synthetic ids seeded with
-``(seed, request index)``. Two different blocks start with the same id with probability 1 / vocabulary
+``(seed, request index)``; they are not part of any later input (the hash blocks alone say what a later
+request shares). Two different blocks start with the same id with probability 1 / vocabulary
 size, so spurious matches longer than a few tokens between different blocks do not occur in practice.
 
 The trace has no session ids; they are inferred from the prefix structure. Every request shares the first
@@ -81,16 +82,15 @@ def _infer_sessions(rows: list[dict]) -> list[int]:
     sessions: list[int] = []
     session_count = 0
     for row in rows:
-        node, continued = 0, None
+        node, session = 0, None
         for depth, hash_id in enumerate(row["hash_ids"], start=1):
             node = children.get((node, hash_id))
             if node is None:
                 break
             if depth >= _MIN_CONTINUED_BLOCKS and node in session_ending_at:
-                continued = session_ending_at[node]
-        if continued is None:
-            continued, session_count = session_count, session_count + 1
-        session = continued
+                session = session_ending_at[node]
+        if session is None:
+            session, session_count = session_count, session_count + 1
         sessions.append(session)
         complete = len(row["hash_ids"]) - (1 if row["input_length"] % BLOCK_TOKENS else 0)
         node = 0

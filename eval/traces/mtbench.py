@@ -53,9 +53,15 @@ def build_mtbench(
         messages = []
         for turn_index, turn in enumerate(question["turns"]):
             messages.append(Message(next(turn_tokens), typed_by_user=True, words=word_count(turn)))
-            answer = tuple(synthetic_ids(encoder.vocab_size, output_tokens, seed, question["question_id"], turn_index).tolist())
+            answer_ids = synthetic_ids(encoder.vocab_size, output_tokens, seed, question["question_id"], turn_index)
+            answer = tuple(answer_ids.tolist())
             messages.append(Message(answer, is_model_turn=True))
-        meta = {"dataset": "mtbench", "session": index, "question_id": question["question_id"], "category": question["category"]}
+        meta = {
+            "dataset": "mtbench",
+            "session": index,
+            "question_id": question["question_id"],
+            "category": question["category"],
+        }
         timing = SessionTiming(session_start(index, sessions_per_second))
         requests += session_requests(f"mtbench-{question['question_id']}", messages, timing, max_input_tokens, meta)
     requests.sort(key=lambda request: request.arrival)

@@ -56,7 +56,12 @@ def build_oasst(
             for node in branch
         ]
         timing = SessionTiming(session_start(index, sessions_per_second))
-        meta = {"dataset": "oasst", "session": index, "message_tree_id": tree_id, "leaf_message_id": branch[-1]["message_id"]}
+        meta = {
+            "dataset": "oasst",
+            "session": index,
+            "message_tree_id": tree_id,
+            "leaf_message_id": branch[-1]["message_id"],
+        }
         requests += session_requests(f"oasst-{index}", messages, timing, max_input_tokens, meta)
     requests.sort(key=lambda request: request.arrival)
     return requests

@@ -88,7 +88,6 @@ def session_requests(
             break
         if requests:
             arrival += typing_seconds(typed_words) if typed else timing.next_agent_delay()
-        if input_ids:
-            requests.append(Request(session_id, arrival, input_ids, message.tokens, {**meta, "turn": len(requests)}))
+        requests.append(Request(session_id, arrival, input_ids, message.tokens, {**meta, "turn": len(requests)}))
         typed, typed_words = False, 0
     return requests

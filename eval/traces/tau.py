@@ -55,7 +55,13 @@ def build_tau(
         timing = SessionTiming(
             session_start(index, sessions_per_second), agent_response_times(seed, index, mean_response_s)
         )
-        meta = {"dataset": "tau", "session": index, "task_id": run["task_id"], "trial": run["trial"], "reward": run["reward"]}
+        meta = {
+            "dataset": "tau",
+            "session": index,
+            "task_id": run["task_id"],
+            "trial": run["trial"],
+            "reward": run["reward"],
+        }
         requests += session_requests(f"tau-{run['task_id']}-{run['trial']}", messages, timing, max_input_tokens, meta)
     requests.sort(key=lambda request: request.arrival)
     return requests
