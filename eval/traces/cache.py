@@ -2,7 +2,8 @@
 
 A trace is stored as a Dataset folder ``<cache_dir>/<name>-<key>`` where ``key`` hashes the builder name,
 its options, the data file's size and modification time and the tokenizer's identity; change any of them
-and the trace is rebuilt. The default folder is ``$HF_MARCONI_CACHE/traces`` or
+and the trace is rebuilt. A change to a builder's code is not seen: bump :data:`CACHE_FORMAT` with it
+(or delete the folder). The default folder is ``$HF_MARCONI_CACHE/traces`` or
 ``~/.cache/hf_marconi/traces``.
 """
 
