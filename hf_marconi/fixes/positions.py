@@ -1,0 +1,64 @@
+"""Default ``position_ids`` that continue from the cache, for model forwards that restart them at 0.
+
+Bamba's model forward (transformers 5.x) defaults ``position_ids`` to ``arange(seq_len)`` whatever the cache
+already holds, so a forward that continues from a populated cache without explicit positions rotates its
+attention queries and keys as if the sequence started again: every continuation is wrong (~1e-1 relative in
+the zoo's float64 Bamba) while the Mamba layers are exact. ``generate()`` passes explicit positions and is
+not affected; any other caller (a branch-point prefill, a manual decode loop) is. The fix fills the default
+the way the other families do: ``arange(past, past + seq_len)`` with ``past = cache.get_seq_length()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def _cached_length(cache: Cache | None) -> int:
+    """Tokens the cache holds, 0 without a cache or an attention layer (then no layer reads positions)."""
+    if cache is None or not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
+        return 0
+    return cache.get_seq_length()
+
+
+def _with_cache_aware_positions(forward):
+    """Wrap a base-model forward so a missing ``position_ids`` starts at the cache's length."""
+    signature = inspect.signature(forward)
+    extra_keywords = next(
+        (name for name, parameter in signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD), None
+    )
+
+    @functools.wraps(forward)
+    def forward_with_positions(*args, **kwargs):
+        # Everything by keyword: transformers' forward decorators inject keywords of their own.
+        arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+        arguments.update(arguments.pop(extra_keywords, {}) if extra_keywords else {})
+        if arguments.get("position_ids") is None:
+            reference = arguments.get("input_ids")
+            if reference is None:
+                reference = arguments["inputs_embeds"]
+            past = _cached_length(arguments.get("past_key_values"))
+            positions = torch.arange(past, past + reference.shape[1], device=reference.device)
+            arguments["position_ids"] = positions.unsqueeze(0)
+        return forward(**arguments)
+
+    forward_with_positions.cache_aware_positions = True
+    return forward_with_positions
+
+
+def install_cache_aware_positions(model: nn.Module, base_model_class: type[nn.Module]) -> int:
+    """Wrap the forward of every ``base_model_class`` module inside ``model`` (this instance only).
+
+    Returns how many modules were wrapped by this call (already wrapped ones are skipped).
+    """
+    targets = [
+        module for module in model.modules()
+        if isinstance(module, base_model_class) and not getattr(module.forward, "cache_aware_positions", False)
+    ]
+    for module in targets:
+        module.forward = _with_cache_aware_positions(module.forward)
+    return len(targets)
