@@ -1,0 +1,114 @@
+"""apply_fixes / check_supported: refusals with reasons, per-instance idempotent patches, the Mamba1 math."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GPT2Config
+
+from hf_marconi.fixes import SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_fixes, check_supported
+from hf_marconi.fixes.mamba1 import mamba1_initial_state_correction
+from hf_marconi.testing import FAMILIES, build_model, make_config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_zoo_family_is_supported(family):
+    check_supported(make_config(family))
+    check_supported(build_model(family))
+    assert make_config(family).get_text_config(decoder=True).model_type in SUPPORTED_MODEL_TYPES
+
+
+def test_unverified_model_type_is_refused_with_the_supported_list():
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported.*bamba"):
+        check_supported(GPT2Config())
+
+
+def test_hybrid_without_attention_layer_is_refused():
+    config = make_config("bamba")
+    config.attn_layer_indices = []
+    with pytest.raises(UnsupportedModelError, match="no attention layer.*get_seq_length"):
+        check_supported(config)
+
+
+def test_pure_mamba2_model_needs_no_attention_layer():
+    check_supported(make_config("mamba2"))
+
+
+def test_apply_fixes_refuses_what_check_supported_refuses():
+    from transformers import BambaForCausalLM
+
+    config = make_config("bamba")
+    config.attn_layer_indices = []
+    with pytest.raises(UnsupportedModelError):
+        apply_fixes(BambaForCausalLM(config))
+
+
+def test_check_supported_rejects_other_objects():
+    with pytest.raises(TypeError, match="transformers model or config"):
+        check_supported("bamba")
+
+
+@pytest.mark.parametrize(
+    ("family", "fixes"),
+    [("jamba", ["jamba_mamba1_initial_state"]), ("bamba", ["bamba_cache_aware_position_ids"]), ("zamba2", [])],
+)
+def test_apply_fixes_is_idempotent_and_patches_only_that_instance(family, fixes):
+    model = build_model(family)
+    untouched = build_model(family)
+    forwards_before = {name: module.__dict__.get("forward") for name, module in model.named_modules()}
+    assert apply_fixes(model) == fixes
+    patched = {
+        name: module.forward for name, module in model.named_modules() if "forward" in module.__dict__
+    }
+    assert bool(patched) == bool(fixes)
+    assert all(forwards_before[name] is None for name in patched)
+    assert apply_fixes(model) == fixes
+    assert patched == {name: module.forward for name, module in model.named_modules() if "forward" in module.__dict__}
+    assert not any("forward" in module.__dict__ for module in untouched.modules())
+
+
+def sequential_mamba1_scan(dt, A, B, C, x, initial_state):
+    """Reference recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t . h_t.
+
+    dt, x: (batch, channels, seq_len); A: (channels, state); B, C: (batch, state, seq_len);
+    initial_state: (batch, channels, state). Returns y (batch, channels, seq_len) and the last state.
+    """
+    state = initial_state
+    outputs = []
+    for t in range(dt.shape[-1]):
+        decay = torch.exp(dt[:, :, t, None] * A[None])
+        state = decay * state + dt[:, :, t, None] * B[:, None, :, t] * x[:, :, t, None]
+        outputs.append(torch.einsum("bdn,bn->bd", state, C[:, :, t]))
+    return torch.stack(outputs, dim=-1), state
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 2), channels=st.integers(1, 4), state_size=st.integers(1, 4),
+    seq_len=st.integers(1, 9), seed=st.integers(0, 2**16),
+)
+def test_initial_state_correction_matches_a_scan_from_that_state(batch, channels, state_size, seq_len, seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    dt = torch.nn.functional.softplus(randn(batch, channels, seq_len))
+    A = -torch.exp(randn(channels, state_size))
+    B, C = randn(batch, state_size, seq_len), randn(batch, state_size, seq_len)
+    x, initial_state = randn(batch, channels, seq_len), randn(batch, channels, state_size)
+
+    expected_y, expected_state = sequential_mamba1_scan(dt, A, B, C, x, initial_state)
+    zero_y, zero_state = sequential_mamba1_scan(dt, A, B, C, x, torch.zeros_like(initial_state))
+    y_correction, state_correction = mamba1_initial_state_correction(dt, A, C, initial_state)
+
+    torch.testing.assert_close(zero_y + y_correction, expected_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(zero_state + state_correction, expected_state, rtol=1e-12, atol=1e-12)
+
+
+def test_initial_state_correction_computes_low_precision_inputs_in_float32():
+    dt = torch.ones(1, 2, 3, dtype=torch.bfloat16)
+    y_correction, state_correction = mamba1_initial_state_correction(
+        dt, -torch.ones(2, 4), torch.ones(1, 4, 3, dtype=torch.bfloat16), torch.ones(1, 2, 4, dtype=torch.bfloat16)
+    )
+    assert y_correction.dtype == state_correction.dtype == torch.float32
