@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
+from . import generation
 from .costs import CostModel
 from .fixes import apply_fixes, check_supported
 from .policies import WIDE_ALPHA_GRID, AlphaTuner, Policy, make_policy
@@ -130,11 +131,11 @@ class MarconiCache(DynamicCache):
         # Tokens whose states the live layers hold, in order; None once a forward fed embeddings instead of ids.
         self.live_tokens: list[int] | None = []
         self._forward_depth = 0
+        # The latest call's record (reused tokens, capture positions, timings of the cache's own work).
+        self.last_call: "generation.PrefixCall | None" = None
         # One call at a time owns the live layers; reentrant so a generate wrapper may run forwards under it.
         self.call_lock = threading.RLock()
-        from .generation import install  # late import: generation imports this module
-
-        install(model, self)
+        generation.install(model, self)
 
     # ----------------------------------------------------------- live layers
     def reset_live(self) -> None:
@@ -216,8 +217,6 @@ class MarconiCache(DynamicCache):
                 ...                                   # more forwards (decode steps) on the same cache
             # on leaving without an exception, the tokens fed are admitted; on an exception, the store is unchanged
         """
-        from . import generation
-
         with self.call_lock:
             call = generation.PrefixCall.begin(self, self.validate_input_ids(input_ids))
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -30,6 +31,22 @@ _INSTALLED = "_hf_marconi_installed"
 
 
 @dataclass
+class CallTimings:
+    """Wall-clock seconds one call spent in the cache's own work (the model's prefill and decode excluded, except
+    the branch-point prefill, which is model work the cache asked for)."""
+
+    lookup_s: float = 0.0  # store.plan: tree match, lock, policy decisions
+    restore_s: float = 0.0  # copying the stored prefix into the live layers
+    capture_s: float = 0.0  # branch-point prefill(s) and checkpoint copies
+    admit_s: float = 0.0  # copying new states out of the live layers and store.commit (evictions included)
+
+    @property
+    def overhead_s(self) -> float:
+        """Lookup + restore + admission: what a hit costs on top of the model's own work."""
+        return self.lookup_s + self.restore_s + self.admit_s
+
+
+@dataclass
 class PrefixCall:
     """One request's passage through the cache (batch size 1).
 
@@ -44,6 +61,7 @@ class PrefixCall:
     plan: "RequestPlan"
     prefilled: int
     checkpoints: dict[int, StateCheckpoint] = field(default_factory=dict)
+    timings: CallTimings = field(default_factory=CallTimings)
 
     @property
     def reused(self) -> int:
@@ -53,15 +71,20 @@ class PrefixCall:
     def begin(cls, cache: "MarconiCache", input_ids: torch.Tensor) -> "PrefixCall":
         """Look up the prompt, restore the reusable prefix, and prefill up to each capture position."""
         cache.reset_live()
+        started = time.perf_counter()
         plan = cache.store.plan(input_ids[0].tolist())
         call = cls(cache, input_ids, plan, prefilled=plan.reuse_len)
+        cache.last_call = call
         try:
+            looked_up = time.perf_counter()
             cache.layout.restore(cache, plan.reuse_edges, plan.reuse_checkpoint, cache.layer_devices)
             cache.live_tokens = input_ids[0, : plan.reuse_len].tolist()
+            restored = time.perf_counter()
             for position in plan.capture_positions:
                 _prefill(cache, input_ids[:, call.prefilled : position], start=call.prefilled)
                 call.checkpoints[position] = cache.layout.take_checkpoint(cache, cache.storage_device)
                 call.prefilled = position
+            call.timings = CallTimings(looked_up - started, restored - looked_up, time.perf_counter() - restored)
         except BaseException:
             call.abort()
             raise
@@ -85,6 +108,7 @@ class PrefixCall:
             )
             self.abort()
             return
+        started = time.perf_counter()
         end = len(tokens)
         checkpoints = dict(self.checkpoints)
         if end in cache.store.checkpoint_positions(self.plan, end):
@@ -97,7 +121,8 @@ class PrefixCall:
             result = cache.store.commit(self.plan, tokens, make_edge, checkpoints)
         finally:
             cache.reset_live()
-        logger.debug("MarconiCache admitted %s", result)
+        self.timings.admit_s = time.perf_counter() - started
+        logger.debug("MarconiCache admitted %s in %.3f ms", result, self.timings.admit_s * 1e3)
 
 
 def _accepts(model: "PreTrainedModel", name: str) -> bool:
