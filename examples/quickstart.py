@@ -46,6 +46,9 @@ def main() -> None:
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
 
     print(f"model: {type(model).__name__}, cache capacity {args.capacity_mb:g} MiB")
+    # Warm-up: a process's first forward pays for one-time allocations; keep it out of both timings.
+    model.generate(torch.randint(3, vocab, (1, 8), generator=generator), past_key_values=DynamicCache(config=model.config),
+                   **settings)
     for turn in range(1, args.turns + 1):
         user = torch.randint(3, vocab, (1, args.user_tokens), generator=generator)
         prompt = torch.cat([history, user], dim=-1)
