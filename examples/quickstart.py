@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_marconi import MarconiCache
+from hf_marconi.cache import cache_argument
 from hf_marconi.testing import FAMILIES, build_model
 
 
@@ -47,8 +48,8 @@ def main() -> None:
 
     print(f"model: {type(model).__name__}, cache capacity {args.capacity_mb:g} MiB")
     # Warm-up: a process's first forward pays for one-time allocations; keep it out of both timings.
-    model.generate(torch.randint(3, vocab, (1, 8), generator=generator), past_key_values=DynamicCache(config=model.config),
-                   **settings)
+    warm_up = torch.randint(3, vocab, (1, 8), generator=generator)
+    model.generate(warm_up, **{cache_argument(model): DynamicCache(config=model.config)}, **settings)
     for turn in range(1, args.turns + 1):
         user = torch.randint(3, vocab, (1, args.user_tokens), generator=generator)
         prompt = torch.cat([history, user], dim=-1)
@@ -58,7 +59,7 @@ def main() -> None:
         with_cache = model.generate(prompt, past_key_values=cache, **settings)
         cached_s = time.perf_counter() - start
         start = time.perf_counter()
-        without_cache = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **settings)
+        without_cache = model.generate(prompt, **{cache_argument(model): DynamicCache(config=model.config)}, **settings)
         uncached_s = time.perf_counter() - start
 
         same = torch.equal(with_cache, without_cache)

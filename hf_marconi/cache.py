@@ -67,17 +67,17 @@ def _measure_sizes(model: PreTrainedModel, layout: StateLayout) -> StateSizes:
     config = model.config.get_text_config(decoder=True)
     scratch = DynamicCache(config=config)
     token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
-    cache_kwarg = "cache_params" if _uses_cache_params(model) else "past_key_values"
     with torch.no_grad():
-        model(input_ids=token, use_cache=True, **{cache_kwarg: scratch})
+        model(input_ids=token, use_cache=True, **{cache_argument(model): scratch})
     kv = layout.take_edge(scratch, 0, 1).nbytes if layout.kv_layers else 0
     checkpoint = layout.take_checkpoint(scratch).nbytes
     return StateSizes(kv_bytes_per_token=kv, checkpoint_bytes=checkpoint)
 
 
-def _uses_cache_params(model: PreTrainedModel) -> bool:
-    """Pure Mamba models take their cache as ``cache_params``; generate decides by the class name the same way."""
-    return "mamba" in type(model).__name__.lower()
+def cache_argument(model: PreTrainedModel) -> str:
+    """The keyword a model's forward and ``generate`` take its cache by: ``cache_params`` for pure Mamba models
+    (transformers decides by the class name the same way), else ``past_key_values``."""
+    return "cache_params" if "mamba" in type(model).__name__.lower() else "past_key_values"
 
 
 class MarconiCache(DynamicCache):
@@ -119,7 +119,7 @@ class MarconiCache(DynamicCache):
         self.storage_device = storage_device
         self.layout = StateLayout.of(self)
         self.layer_devices = _layer_devices(model, len(self.layers))
-        self.uses_cache_params = _uses_cache_params(model)
+        self.uses_cache_params = cache_argument(model) == "cache_params"
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.sizes = _measure_sizes(model, self.layout)
         self.costs = CostModel.from_config(self.config, dtype=model.dtype, recurrent_dtype=model.dtype)

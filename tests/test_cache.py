@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_marconi import MarconiCache
+from hf_marconi.cache import cache_argument
 from hf_marconi.fixes import UnsupportedModelError, check_supported
 from hf_marconi.testing import FAMILIES, build_model
 
@@ -43,8 +44,7 @@ class FedTokens:
 
 
 def _uncached(model, prompt: torch.Tensor, **settings):
-    kwarg = "cache_params" if "mamba" in type(model).__name__.lower() else "past_key_values"
-    return model.generate(prompt, **{kwarg: DynamicCache(config=model.config)}, **settings)
+    return model.generate(prompt, **{cache_argument(model): DynamicCache(config=model.config)}, **settings)
 
 
 def _generate_both(model, cache: MarconiCache, prompt: torch.Tensor):
