@@ -317,3 +317,38 @@ def test_map_payload_keeps_structure_and_refuses_other_types():
 def test_pinned_memory_needs_cuda():
     with pytest.raises(ValueError, match="needs CUDA"):
         StateMover(pin_memory=True)
+
+
+def test_a_kernel_whose_extension_is_missing_is_reported_broken(monkeypatch):
+    from hf_marconi.kernels import detect
+
+    monkeypatch.setitem(detect._NEEDS_EXTENSION, ("math", "sqrt"), "hf_marconi_no_such_extension")
+    report = kernel_report(nn.Sequential(_FakeMixer(0)))
+    assert report.broken == report.uses
+    assert report.uses[0].missing_extension == "hf_marconi_no_such_extension"
+    assert "BROKEN" in str(report) and not report.kernels_in_use
+
+
+# ------------------------------------------------------------------------------------------ GPU benchmark smoke
+def test_bench_gpu_smoke_mode_writes_its_record(tmp_path):
+    import json
+
+    from eval.bench_gpu import main as bench_main
+
+    argv = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--lengths", "40", "--repeats", "1",
+            "--sessions", "2", "--turns", "2", "--system-len", "16", "--user-len", "6", "--new-tokens", "3",
+            "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
+    record = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert record["environment"]["command"].startswith("python -m eval.bench_gpu --preset tiny")
+    assert record["environment"]["device"].startswith("CPU")
+    results = record["results"]
+    assert set(results) == {"ttft", "copy", "capture", "replay"}
+    ttft = results["ttft"]["40"]
+    assert ttft["hit_tokens_per_request"] == 36  # the 90% prefix, restored from the checkpoint the first call left
+    assert results["copy"]["40"]["checkpoint_bytes"] > 0 and results["copy"]["40"]["kv_bytes"] > 0
+    assert results["capture"]["40"]["branch"] == 21
+    replay = results["replay"]
+    assert replay["identical_outputs"] == replay["requests"] == 4
+    assert replay["cache_stats"]["hits"] > 0
+    assert "## Branch-point capture" in (tmp_path / "bench_gpu.md").read_text()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import sys
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ KERNEL_DISTRIBUTIONS: dict[str, str] = {
     "mamba_ssm": "mamba-ssm",
     "causal_conv1d": "causal-conv1d",
     "fla": "flash-linear-attention",
+}
+# Kernels that import fine but need a compiled extension only when called: mamba-ssm built from its main branch
+# without MAMBA_KEEP_CUDA_BUILD=TRUE lacks `selective_scan_cuda` (Mamba1's scan), and calls raise then.
+_NEEDS_EXTENSION: dict[tuple[str, str], str] = {
+    ("mamba_ssm", "selective_scan_fn"): "selective_scan_cuda",
+    ("mamba_ssm", "mamba_inner_fn"): "selective_scan_cuda",
 }
 
 
@@ -64,6 +71,14 @@ class KernelUse:
     def is_kernel(self) -> bool:
         return not self.implementation.startswith("transformers.")
 
+    @property
+    def missing_extension(self) -> str | None:
+        """The compiled extension this kernel needs at call time and cannot import, if any."""
+        extension = _NEEDS_EXTENSION.get((self.package, self.function))
+        if not self.is_kernel or extension is None or importlib.util.find_spec(extension) is not None:
+            return None
+        return extension
+
 
 @dataclass(frozen=True)
 class KernelReport:
@@ -81,9 +96,14 @@ class KernelReport:
         return tuple(use for use in self.uses if not use.is_kernel)
 
     @property
+    def broken(self) -> tuple[KernelUse, ...]:
+        """Kernels that resolved but will raise when called (their compiled extension is missing)."""
+        return tuple(use for use in self.uses if use.missing_extension is not None)
+
+    @property
     def kernels_in_use(self) -> bool:
-        """True when the model has kernel-backed functions, every one resolved to a kernel, on a CUDA device."""
-        return bool(self.uses) and not self.fallbacks and self.device.startswith("cuda")
+        """True when the model has kernel-backed functions, every one resolved to a working kernel, on CUDA."""
+        return bool(self.uses) and not self.fallbacks and not self.broken and self.device.startswith("cuda")
 
     def __str__(self) -> str:
         lines = [f"{self.model} on {self.device}: " + ("CUDA kernels in use" if self.kernels_in_use else "torch fallbacks in use")]
@@ -96,6 +116,11 @@ class KernelReport:
             kind = "kernel" if use.is_kernel else "torch "
             layers = ",".join(map(str, use.layers))
             lines.append(f"  [{kind}] {use.mixer} (layers {layers}) {use.function} -> {use.implementation}")
+            if use.missing_extension is not None:
+                lines.append(
+                    f"           BROKEN: needs the compiled extension {use.missing_extension!r}, which does not import; "
+                    "reinstall mamba-ssm with MAMBA_KEEP_CUDA_BUILD=TRUE (main branch) or without MAMBA_SKIP_CUDA_BUILD"
+                )
         return "\n".join(lines)
 
 
