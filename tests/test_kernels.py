@@ -352,3 +352,18 @@ def test_bench_gpu_smoke_mode_writes_its_record(tmp_path):
     assert replay["identical_outputs"] == replay["requests"] == 4
     assert replay["cache_stats"]["hits"] > 0
     assert "## Branch-point capture" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_single_pass_prefill_on_a_marconi_cache():
+    from hf_marconi import MarconiCache
+
+    model = build_model("nemotron_h", dtype=torch.float64)
+    cache = MarconiCache(model, capacity_bytes=1 << 24)
+    ids = torch.randint(3, 256, (1, 27), generator=torch.Generator().manual_seed(2))
+    cache.reset_live()
+    checkpoints = single_pass_prefill(cache, ids, 0, [13])
+    assert cache.live_tokens == ids[0].tolist()  # the cache's forward hooks saw one forward over the prompt
+    reference = _fresh_cache(model)
+    _forward(model, "nemotron_h", reference, ids[:, :13], 0)
+    assert _max_diff(checkpoints[13], cache.layout.take_checkpoint(reference)) <= TWO_PASS_ATOL
+    cache.reset_live()
