@@ -140,8 +140,11 @@ _SPECS: tuple[FamilySpec, ...] = (
         model_class="NemotronHForCausalLM",
         config_kwargs=dict(
             _COMMON, **_ATTENTION, head_dim=16, intermediate_size=128,
-            layer_types=["linear_attention", "full_attention", "mlp", "linear_attention", "full_attention", "mlp"],
-            num_hidden_layers=6,
+            # Mamba, attention, MoE, twice; MoE blocks are layers of their own (a DummyLayer in the cache). The
+            # pattern string is the checkpoint format every transformers 5.x reads (layer type names changed).
+            hybrid_override_pattern="M*EM*E",
+            num_hidden_layers=6, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+            moe_shared_expert_intermediate_size=64,
             ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=1, conv_kernel=4, expand=2,
             chunk_size=SSD_CHUNK_SIZE,
         ),
@@ -265,6 +268,11 @@ def is_available(family: str) -> bool:
     """Whether the installed transformers ships the config and model classes of ``family``."""
     spec = family_spec(family)
     return hasattr(transformers, spec.config_class) and hasattr(transformers, spec.model_class)
+
+
+def available_families() -> tuple[str, ...]:
+    """The zoo families the installed transformers ships (e.g. Kimi-Linear needs transformers >= 5.17)."""
+    return tuple(family for family in FAMILIES if is_available(family))
 
 
 def make_config(family: str) -> PretrainedConfig:

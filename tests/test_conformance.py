@@ -26,16 +26,31 @@ import inspect
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from hf_marconi.fixes import apply_fixes
-from hf_marconi.testing import FAMILIES, build_model, family_spec
+from hf_marconi.testing import FAMILIES, is_available, build_model, family_spec
 
 FLOAT64_RTOL = 1e-9
 FLOAT32_RTOL = 5e-5
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 RECURRENT_FAMILIES = [family for family in FAMILIES if family_spec(family).recurrent_kind is not None]
+
+
+def skip_unless_available(families):
+    """Families as pytest params, skipped with a reason where the installed transformers lacks them."""
+    return [
+        pytest.param(family, marks=pytest.mark.skipif(
+            not is_available(family), reason=f"transformers {transformers.__version__} does not ship {family}"
+        ))
+        for family in families
+    ]
+
+
+AVAILABLE_FAMILIES = skip_unless_available(FAMILIES)
+AVAILABLE_RECURRENT_FAMILIES = skip_unless_available(RECURRENT_FAMILIES)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,7 +141,7 @@ def assert_conforms(model: PreTrainedModel, family: str, dtype: torch.dtype, exp
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
 def test_fixed_model_continues_exactly_with_default_arguments(family, dtype_name):
     """What a user gets: the model with hf_marconi's fixes, called without positions."""
     model = build_model(family, dtype=DTYPES[dtype_name])
@@ -134,7 +149,7 @@ def test_fixed_model_continues_exactly_with_default_arguments(family, dtype_name
     assert_conforms(model, family, DTYPES[dtype_name], explicit_positions=False)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
 def test_fixed_model_continues_exactly_with_explicit_positions(family):
     """What hf_marconi's own forwards do: pass the positions of the continued tokens."""
     model = build_model(family, dtype=torch.float64)
@@ -142,7 +157,7 @@ def test_fixed_model_continues_exactly_with_explicit_positions(family):
     assert_conforms(model, family, torch.float64, explicit_positions=True)
 
 
-@pytest.mark.parametrize("family", RECURRENT_FAMILIES)
+@pytest.mark.parametrize("family", AVAILABLE_RECURRENT_FAMILIES)
 def test_tolerance_detects_a_lost_state(family):
     """Zeroing the cached recurrent and conv states after the prefix breaks the continuation by far more
     than the float32 tolerance, so the conformance tests above would catch a continuation that drops them."""

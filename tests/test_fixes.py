@@ -2,16 +2,30 @@
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config
 
 from hf_marconi.fixes import SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_fixes, check_supported
 from hf_marconi.fixes.mamba1 import mamba1_initial_state_correction
-from hf_marconi.testing import FAMILIES, build_model, make_config
+from hf_marconi.testing import FAMILIES, is_available, build_model, make_config
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def skip_unless_available(families):
+    """Families as pytest params, skipped with a reason where the installed transformers lacks them."""
+    return [
+        pytest.param(family, marks=pytest.mark.skipif(
+            not is_available(family), reason=f"transformers {transformers.__version__} does not ship {family}"
+        ))
+        for family in families
+    ]
+
+
+AVAILABLE_FAMILIES = skip_unless_available(FAMILIES)
+
+
+@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
 def test_every_zoo_family_is_supported(family):
     check_supported(make_config(family))
     check_supported(build_model(family))

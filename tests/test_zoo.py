@@ -2,17 +2,31 @@
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
-from hf_marconi.testing import FAMILIES, build_model, family_spec, make_config
+from hf_marconi.testing import FAMILIES, is_available, build_model, family_spec, make_config
 
 # Families with only one kind of layer: the controls.
 PURE_ATTENTION = {"llama"}
 PURE_RECURRENT = {"mamba2"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def skip_unless_available(families):
+    """Families as pytest params, skipped with a reason where the installed transformers lacks them."""
+    return [
+        pytest.param(family, marks=pytest.mark.skipif(
+            not is_available(family), reason=f"transformers {transformers.__version__} does not ship {family}"
+        ))
+        for family in families
+    ]
+
+
+AVAILABLE_FAMILIES = skip_unless_available(FAMILIES)
+
+
+@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
 def test_cache_has_both_state_kinds(family):
     cache = DynamicCache(config=make_config(family))
     attention = [layer for layer in cache.layers if isinstance(layer, CacheLayerMixin)]
@@ -25,7 +39,7 @@ def test_cache_has_both_state_kinds(family):
         assert not attention
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
 def test_build_model_is_tiny_seeded_and_in_eval_mode(family):
     model = build_model(family, dtype=torch.float64, seed=3)
     assert not model.training
@@ -38,7 +52,7 @@ def test_build_model_is_tiny_seeded_and_in_eval_mode(family):
     assert not all(torch.equal(a, b) for a, b in zip(params, other_params))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
 def test_forward_runs_and_fills_the_cache(family):
     model = build_model(family)
     cache = DynamicCache(config=model.config)

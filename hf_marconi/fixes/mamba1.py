@@ -52,6 +52,17 @@ def mamba1_initial_state_correction(
     return y_correction, carried[:, :, -1]
 
 
+def _previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(conv state, SSM state) the cache holds for this layer from earlier tokens, or (None, None).
+
+    Read from the layer itself: ``Cache.get_conv_state`` only exists from transformers 5.21.
+    """
+    if cache is None or not cache.has_previous_state(layer_idx):
+        return None, None
+    layer = cache.layers[layer_idx]
+    return layer.conv_states[0], layer.recurrent_states[0]
+
+
 def jamba_mixer_forward(
     mixer: nn.Module,
     hidden_states: torch.Tensor,
@@ -59,7 +70,7 @@ def jamba_mixer_forward(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """transformers' ``JambaMambaMixer.forward`` (5.x, layered cache API) with the cached SSM state honoured.
+    """transformers' ``JambaMambaMixer.forward`` (layered cache API, 5.17 to 5.23) with the cached SSM state honoured.
 
     Identical to the original except in the multi-token ("full sequence") branch: when the cache holds a
     recurrent state for this layer, the scan's output and final state get the initial-state correction.
@@ -69,18 +80,14 @@ def jamba_mixer_forward(
     kernels = sys.modules[type(mixer).__module__]
     seq_len = hidden_states.shape[1]
     dtype = hidden_states.dtype
-    if cache_params is not None:
-        conv_state = cache_params.get_conv_state(mixer.layer_idx, state_idx=0)
-        recurrent_state = cache_params.get_recurrent_state(mixer.layer_idx, state_idx=0)
-    else:
-        conv_state, recurrent_state = None, None
+    conv_state, recurrent_state = _previous_states(cache_params, mixer.layer_idx)
 
     hidden_states = kernels.apply_mask_to_padding_states(hidden_states, attention_mask)
     projected_states = mixer.in_proj(hidden_states).transpose(1, 2)
     A = -torch.exp(mixer.A_log.float())
     hidden_states_B_C, gate = projected_states.chunk(2, dim=1)
 
-    if conv_state is not None and seq_len == 1 and not cache_params.is_recording_past(mixer.layer_idx):
+    if conv_state is not None and seq_len == 1 and not cache_params.layers[mixer.layer_idx].record_past:
         hidden_states_B_C = kernels.causal_conv1d_update(
             hidden_states_B_C, conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
             activation=mixer.activation,
