@@ -107,17 +107,25 @@ class Clock:
 
     def median(self, run: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None) -> float:
         """Median seconds of ``run()`` over ``repeats`` runs after one warm-up; ``setup()`` runs untimed before each."""
-        times = []
+        return self.medians({"run": run}, repeats, setup)["run"]
+
+    def medians(
+        self, runs: dict[str, Callable[[], Any]], repeats: int, setup: Callable[[], Any] | None = None
+    ) -> dict[str, float]:
+        """Median seconds of each of ``runs`` over ``repeats`` rounds after a warm-up round (kernels, allocators),
+        interleaved run by run so that drifting load hits them alike; ``setup()`` runs untimed before each run."""
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for attempt in range(repeats + 1):
-            if setup is not None:
-                setup()
-            self.sync()
-            begin = time.perf_counter()
-            run()
-            self.sync()
-            if attempt:  # the first run warms up kernels and allocators
-                times.append(time.perf_counter() - begin)
-        return statistics.median(times)
+            for name, run in runs.items():
+                if setup is not None:
+                    setup()
+                self.sync()
+                begin = time.perf_counter()
+                run()
+                self.sync()
+                if attempt:
+                    times[name].append(time.perf_counter() - begin)
+        return {name: statistics.median(values) for name, values in times.items()}
 
 
 class Bench:
@@ -275,9 +283,10 @@ def section_capture(bench: Bench, length: int) -> dict[str, Any]:
         with capture_branch_states(bench.model, cache, 0, length, [branch]):
             bench.forward(cache, ids, 0)
 
-    base = bench.clock.median(uncached, bench.repeats, setup=fresh)
-    two = bench.clock.median(two_pass, bench.repeats, setup=fresh)
-    one = bench.clock.median(single_pass, bench.repeats, setup=fresh)
+    medians = bench.clock.medians(
+        {"uncached": uncached, "two_pass": two_pass, "single_pass": single_pass}, bench.repeats, setup=fresh
+    )
+    base, two, one = medians["uncached"], medians["two_pass"], medians["single_pass"]
     return {
         "branch": branch,
         "uncached_ms": bench.ms(base),
