@@ -126,3 +126,11 @@ def test_initial_state_correction_computes_low_precision_inputs_in_float32():
         dt, -torch.ones(2, 4), torch.ones(1, 4, 3, dtype=torch.bfloat16), torch.ones(1, 2, 4, dtype=torch.bfloat16)
     )
     assert y_correction.dtype == state_correction.dtype == torch.float32
+
+
+def test_fix_that_finds_nothing_to_correct_refuses_the_model():
+    """A model that claims a family but lacks the modules the family's fix corrects is refused, not run wrong."""
+    model = build_model("llama")
+    model.config.model_type = "jamba"
+    with pytest.raises(UnsupportedModelError, match="found none of the modules"):
+        apply_fixes(model)

@@ -175,16 +175,12 @@ _CORRECTED_FORWARD = _hooked(jamba_mixer_forward)
 
 
 def install_jamba_mixer_fix(model: nn.Module) -> int:
-    """Replace the forward of every Jamba Mamba mixer in ``model`` (this instance only).
-
-    Returns how many mixers were patched by this call (already corrected ones are skipped).
-    """
+    """Replace the forward of every Jamba Mamba mixer in ``model`` (this instance only), skipping those already
+    corrected. Returns how many mixers the model has."""
     from transformers.models.jamba.modeling_jamba import JambaMambaMixer
 
-    mixers = [
-        module for module in model.modules()
-        if isinstance(module, JambaMambaMixer) and getattr(module.forward, "__func__", None) is not _CORRECTED_FORWARD
-    ]
+    mixers = [module for module in model.modules() if isinstance(module, JambaMambaMixer)]
     for mixer in mixers:
-        mixer.forward = types.MethodType(_CORRECTED_FORWARD, mixer)
+        if getattr(mixer.forward, "__func__", None) is not _CORRECTED_FORWARD:
+            mixer.forward = types.MethodType(_CORRECTED_FORWARD, mixer)
     return len(mixers)

@@ -51,14 +51,10 @@ def _with_cache_aware_positions(forward):
 
 
 def install_cache_aware_positions(model: nn.Module, base_model_class: type[nn.Module]) -> int:
-    """Wrap the forward of every ``base_model_class`` module inside ``model`` (this instance only).
-
-    Returns how many modules were wrapped by this call (already wrapped ones are skipped).
-    """
-    targets = [
-        module for module in model.modules()
-        if isinstance(module, base_model_class) and not getattr(module.forward, "cache_aware_positions", False)
-    ]
+    """Wrap the forward of every ``base_model_class`` module inside ``model`` (this instance only), skipping
+    those already wrapped. Returns how many such modules the model has."""
+    targets = [module for module in model.modules() if isinstance(module, base_model_class)]
     for module in targets:
-        module.forward = _with_cache_aware_positions(module.forward)
+        if not getattr(module.forward, "cache_aware_positions", False):
+            module.forward = _with_cache_aware_positions(module.forward)
     return len(targets)

@@ -25,8 +25,9 @@ _PURE_RECURRENT_MODEL_TYPES: frozenset[str] = frozenset({"mamba2"})
 class Fix:
     """One correction: the model types it applies to, a check that it can be installed, and the installer.
 
-    ``install`` patches the model instance and returns how many modules it patched (0 when already patched
-    modules were all it found, so installing twice changes nothing).
+    ``install`` patches the modules of the model instance that need it, skipping those it patched before (so
+    installing twice changes nothing), and returns how many modules the fix targets in the model: 0 means the
+    model is not built the way the fix expects.
     """
 
     name: str
@@ -107,6 +108,11 @@ def apply_fixes(model: nn.Module) -> list[str]:
     names = []
     for fix in FIXES:
         if model_type in fix.model_types:
-            fix.install(model)
+            if fix.install(model) == 0:
+                raise UnsupportedModelError(
+                    f"hf_marconi's fix {fix.name!r} found none of the modules it corrects in this {model_type!r} "
+                    f"model ({type(model).__name__}); without it the model continues wrongly from a cache. Use a "
+                    f"{model_type} model class of the transformers version range hf_marconi declares."
+                )
             names.append(fix.name)
     return names
