@@ -95,24 +95,32 @@ def build_model(preset: str, dtype: torch.dtype, device: str) -> BambaForCausalL
 
 
 # ------------------------------------------------------------------------------------------------- timing
-class Clock:
-    """Wall-clock timing that waits for the device before reading the clock."""
+STATISTICS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "min": min}
 
-    def __init__(self, device: torch.device) -> None:
+
+class Clock:
+    """Wall-clock timing that waits for the device before reading the clock.
+
+    ``statistic`` summarises the timed runs: the median, or the minimum (the better estimate of the undisturbed
+    cost on a machine shared with other work, where interference only ever adds time).
+    """
+
+    def __init__(self, device: torch.device, statistic: str = "median") -> None:
         self.cuda = device.type == "cuda"
+        self.summarise = STATISTICS[statistic]
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def median(self, run: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None) -> float:
-        """Median seconds of ``run()`` over ``repeats`` runs after one warm-up; ``setup()`` runs untimed before each."""
-        return self.medians({"run": run}, repeats, setup)["run"]
+    def time(self, run: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None) -> float:
+        """Seconds of ``run()`` over ``repeats`` runs after one warm-up; ``setup()`` runs untimed before each."""
+        return self.times({"run": run}, repeats, setup)["run"]
 
-    def medians(
+    def times(
         self, runs: dict[str, Callable[[], Any]], repeats: int, setup: Callable[[], Any] | None = None
     ) -> dict[str, float]:
-        """Median seconds of each of ``runs`` over ``repeats`` rounds after a warm-up round (kernels, allocators),
+        """Seconds of each of ``runs`` over ``repeats`` rounds after a warm-up round (kernels, allocators),
         interleaved run by run so that drifting load hits them alike; ``setup()`` runs untimed before each run."""
         times: dict[str, list[float]] = {name: [] for name in runs}
         for attempt in range(repeats + 1):
@@ -125,17 +133,17 @@ class Clock:
                 self.sync()
                 if attempt:
                     times[name].append(time.perf_counter() - begin)
-        return {name: statistics.median(values) for name, values in times.items()}
+        return {name: self.summarise(values) for name, values in times.items()}
 
 
 class Bench:
     """One model, its device, and the forwards every section needs."""
 
-    def __init__(self, model: BambaForCausalLM, repeats: int, seed: int = 0) -> None:
+    def __init__(self, model: BambaForCausalLM, repeats: int, statistic: str = "median", seed: int = 0) -> None:
         self.model = model
         self.device = model.device
         self.config = model.config
-        self.clock = Clock(self.device)
+        self.clock = Clock(self.device, statistic)
         self.repeats = repeats
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -175,7 +183,7 @@ def section_ttft(bench: Bench, length: int, capacity_bytes: int) -> dict[str, An
     prefix_len = int(length * HIT_FRACTION)
     prefix = bench.tokens(prefix_len)
     full = torch.cat([prefix, bench.tokens(length - prefix_len)], dim=1)
-    uncached = bench.clock.median(lambda: bench.generate(full, bench.fresh_cache(), 1), bench.repeats)
+    uncached = bench.clock.time(lambda: bench.generate(full, bench.fresh_cache(), 1), bench.repeats)
 
     cache = make_marconi_cache(bench.model, capacity_bytes)
     bench.generate(prefix, cache, 1)  # admits a checkpoint at the end of the prefix (input+output reuse)
@@ -185,7 +193,7 @@ def section_ttft(bench: Bench, length: int, capacity_bytes: int) -> dict[str, An
         prompts.append(torch.cat([prefix, bench.tokens(length - prefix_len)], dim=1))
 
     before = cache.stats()
-    hit = bench.clock.median(lambda: bench.generate(prompts[-1], cache, 1), bench.repeats, setup=next_prompt)
+    hit = bench.clock.time(lambda: bench.generate(prompts[-1], cache, 1), bench.repeats, setup=next_prompt)
     after = cache.stats()
     requests = after["lookups"] - before["lookups"]
     reused = (after["hit_tokens"] - before["hit_tokens"]) / max(requests, 1)
@@ -198,7 +206,7 @@ def section_ttft(bench: Bench, length: int, capacity_bytes: int) -> dict[str, An
         bench.forward(live, prefix, 0)
 
     suffix = bench.tokens(length - prefix_len)
-    suffix_only = bench.clock.median(lambda: bench.forward(live, suffix, prefix_len), bench.repeats,
+    suffix_only = bench.clock.time(lambda: bench.forward(live, suffix, prefix_len), bench.repeats,
                                      setup=prefill_prefix)
     return {
         "uncached_ms": bench.ms(uncached),
@@ -224,9 +232,9 @@ def section_copy(bench: Bench, length: int) -> dict[str, Any]:
     edge = layout.take_edge(cache, 0, prefix_len)
     result["checkpoint_bytes"] = checkpoint.nbytes
     result["kv_bytes"] = edge.nbytes
-    result["checkpoint_copy_device_ms"] = bench.ms(bench.clock.median(lambda: layout.take_checkpoint(cache), bench.repeats))
+    result["checkpoint_copy_device_ms"] = bench.ms(bench.clock.time(lambda: layout.take_checkpoint(cache), bench.repeats))
     result["checkpoint_copy_to_cpu_sync_ms"] = bench.ms(
-        bench.clock.median(lambda: layout.take_checkpoint(cache, "cpu"), bench.repeats)
+        bench.clock.time(lambda: layout.take_checkpoint(cache, "cpu"), bench.repeats)
     )
     # Asynchronous offload: what the hot path pays (the call returns) vs when the copy has landed.
     returns, completes = [], []
@@ -239,13 +247,13 @@ def section_copy(bench: Bench, length: int) -> dict[str, Any]:
         done = time.perf_counter()
         returns.append(returned - begin)
         completes.append(done - begin)
-    result["checkpoint_offload_async_return_ms"] = bench.ms(statistics.median(returns[1:]))
-    result["checkpoint_offload_async_complete_ms"] = bench.ms(statistics.median(completes[1:]))
-    result["kv_copy_device_ms"] = bench.ms(bench.clock.median(lambda: layout.take_edge(cache, 0, prefix_len), bench.repeats))
+    result["checkpoint_offload_async_return_ms"] = bench.ms(bench.clock.summarise(returns[1:]))
+    result["checkpoint_offload_async_complete_ms"] = bench.ms(bench.clock.summarise(completes[1:]))
+    result["kv_copy_device_ms"] = bench.ms(bench.clock.time(lambda: layout.take_edge(cache, 0, prefix_len), bench.repeats))
 
     devices = {idx: device for idx in range(len(cache.layers))}
     result["restore_from_device_ms"] = bench.ms(
-        bench.clock.median(lambda: layout.restore(bench.fresh_cache(), (edge,), checkpoint, devices), bench.repeats)
+        bench.clock.time(lambda: layout.restore(bench.fresh_cache(), (edge,), checkpoint, devices), bench.repeats)
     )
     stored_checkpoint = mover.offload(checkpoint).synchronize()
     stored_edge = mover.offload(edge).synchronize()
@@ -255,7 +263,7 @@ def section_copy(bench: Bench, length: int) -> dict[str, Any]:
         ready_edge = mover.prefetch(stored_edge, device)
         layout.restore(bench.fresh_cache(), (ready_edge.wait(),), ready_checkpoint.wait(), devices)
 
-    result["restore_from_cpu_prefetched_ms"] = bench.ms(bench.clock.median(restore_prefetched, bench.repeats))
+    result["restore_from_cpu_prefetched_ms"] = bench.ms(bench.clock.time(restore_prefetched, bench.repeats))
     return result
 
 
@@ -283,10 +291,10 @@ def section_capture(bench: Bench, length: int) -> dict[str, Any]:
         with capture_branch_states(bench.model, cache, 0, length, [branch]):
             bench.forward(cache, ids, 0)
 
-    medians = bench.clock.medians(
+    seconds = bench.clock.times(
         {"uncached": uncached, "two_pass": two_pass, "single_pass": single_pass}, bench.repeats, setup=fresh
     )
-    base, two, one = medians["uncached"], medians["two_pass"], medians["single_pass"]
+    base, two, one = seconds["uncached"], seconds["two_pass"], seconds["single_pass"]
     return {
         "branch": branch,
         "uncached_ms": bench.ms(base),
@@ -337,10 +345,11 @@ def section_replay(
 
 
 # ------------------------------------------------------------------------------------------------- report
-def environment(model: BambaForCausalLM, command: str, preset: str, dtype: torch.dtype) -> dict[str, Any]:
+def environment(model: BambaForCausalLM, command: str, preset: str, dtype: torch.dtype, timing: str) -> dict[str, Any]:
     cuda = model.device.type == "cuda"
     return {
         "command": command,
+        "timing": timing,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(model.device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -363,6 +372,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"- command: `{env['command']}`",
         f"- date: {env['date']}; torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}",
         f"- kernel packages: {env['packages']}",
+        f"- timing: {env['timing']}",
         f"- model: Bamba-shaped hybrid, preset `{env['preset']}`, {env['parameters'] / 1e6:.1f}M parameters, {env['dtype']}, random weights",
         "",
         "```",
@@ -406,6 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768] if cuda else [64, 128])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=3 if cuda else 1)
+    parser.add_argument("--statistic", choices=sorted(STATISTICS), default="median",
+                        help="how timed repeats are summarised (min: for machines shared with other work)")
     parser.add_argument("--capacity-gb", type=float, default=8.0)
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--turns", type=int, default=4)
@@ -427,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
     if args.require_kernels and not report.kernels_in_use:
         print(report, file=sys.stderr)
         raise SystemExit("kernels are not in use (see the report above); install the `cuda` extra, see README")
-    bench = Bench(model, args.repeats)
+    bench = Bench(model, args.repeats, args.statistic)
     capacity = int(args.capacity_gb * 2**30)
     results: dict[str, Any] = {}
     for section in ("ttft", "copy", "capture"):
@@ -445,7 +457,8 @@ def run(args: argparse.Namespace) -> int:
         print("[bench_gpu] replay", file=sys.stderr, flush=True)
         results["replay"] = section_replay(bench, args.sessions, args.turns, args.system_len, args.user_len,
                                            args.new_tokens, capacity)
-    record = {"environment": environment(model, args.command, args.preset, dtype), "results": results}
+    timing = f"{args.statistic} of {args.repeats} timed runs after a warm-up run"
+    record = {"environment": environment(model, args.command, args.preset, dtype, timing), "results": results}
     out = args.out or Path("eval/results/bench_gpu") / slug(record["environment"]["device"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gpu.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
