@@ -134,3 +134,9 @@ def test_fix_that_finds_nothing_to_correct_refuses_the_model():
     model.config.model_type = "jamba"
     with pytest.raises(UnsupportedModelError, match="found none of the modules"):
         apply_fixes(model)
+
+
+def test_transformers_older_than_the_verified_range_is_refused(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "5.14.0")
+    with pytest.raises(UnsupportedModelError, match="transformers 5.14.0 is older than 5.15.0"):
+        check_supported(make_config("bamba"))

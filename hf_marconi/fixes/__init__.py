@@ -16,6 +16,6 @@ hf_marconi cannot make correct.
 from __future__ import annotations
 
 from .errors import UnsupportedModelError
-from .registry import FIXES, SUPPORTED_MODEL_TYPES, apply_fixes, check_supported
+from .registry import FIXES, MIN_TRANSFORMERS_VERSION, SUPPORTED_MODEL_TYPES, apply_fixes, check_supported
 
-__all__ = ["FIXES", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "apply_fixes", "check_supported"]
+__all__ = ["FIXES", "MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "apply_fixes", "check_supported"]

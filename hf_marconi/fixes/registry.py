@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import CacheLayerMixin
@@ -17,6 +19,10 @@ SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({
     "jamba", "bamba", "zamba2", "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "lfm2",
     "olmo_hybrid", "kimi_linear", "qwen3_5_text", "llama", "mamba2",
 })
+# The oldest transformers on which every supported family passes the conformance tests. On 5.14 Zamba2,
+# Nemotron-H and LFM2 continue wrongly from a cache, OLMo-hybrid's own cache class lacks the Cache API, and
+# Jamba's mixer predates the functions its fix calls; transformers < 5.5 has no layered hybrid cache at all.
+MIN_TRANSFORMERS_VERSION = Version("5.15.0")
 # Pure-recurrent model classes whose forward never asks the cache for a sequence length.
 _PURE_RECURRENT_MODEL_TYPES: frozenset[str] = frozenset({"mamba2"})
 
@@ -68,11 +74,18 @@ def _config_of(model_or_config: nn.Module | PretrainedConfig) -> PretrainedConfi
 def check_supported(model_or_config: nn.Module | PretrainedConfig) -> None:
     """Raise UnsupportedModelError, saying why and what to do, unless hf_marconi can cache this model exactly.
 
-    Checks: the model type is one whose continuation hf_marconi verifies; a hybrid has at least one attention
-    layer (transformers' forwards ask the cache for its sequence length, which only attention layers track, so
-    an all-recurrent hybrid config cannot run with a cache at all); the family's fixes can be installed on the
-    installed transformers.
+    Checks: the installed transformers is recent enough; the model type is one whose continuation hf_marconi
+    verifies; a hybrid has at least one attention layer (transformers' forwards ask the cache for its sequence
+    length, which only attention layers track, so an all-recurrent hybrid config cannot run with a cache at
+    all); the family's fixes can be installed on the installed transformers.
     """
+    installed = Version(transformers.__version__)
+    if installed < MIN_TRANSFORMERS_VERSION:
+        raise UnsupportedModelError(
+            f"transformers {installed} is older than {MIN_TRANSFORMERS_VERSION}, the oldest release on which "
+            f"hf_marconi verified that hybrid models continue correctly from a cache. Upgrade transformers "
+            f"(pip install 'transformers>={MIN_TRANSFORMERS_VERSION},<6')."
+        )
     config = _config_of(model_or_config)
     model_type = config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
