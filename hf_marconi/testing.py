@@ -9,8 +9,12 @@ split off the chunk grid are cheap to test.
 
 Nothing is downloaded. Use::
 
-    from hf_marconi.testing import FAMILIES, build_model
+    from hf_marconi.testing import FAMILIES, build_model, is_supported
     model = build_model("bamba", dtype=torch.float64)
+
+``FAMILIES`` lists the families the installed transformers ships (``ALL_FAMILIES`` every family the zoo
+knows); ``is_supported(family)`` tells whether hf_marconi caches that family or refuses it
+(``hf_marconi.fixes.check_supported`` says why).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ HIDDEN_SIZE = 64
 SSD_CHUNK_SIZE = 8
 # The gated-delta-rule and KDA torch paths scan in chunks of 64 tokens; the size is not configurable.
 DELTA_RULE_CHUNK_SIZE = 64
+# Weight std. transformers' usual 0.02 leaves the recurrent state's effect on the logits of these tiny models at
+# ~1e-6 (Mamba2 families), too small for a float32 test to notice a lost state; at 0.1 it is >= 6e-4.
 INITIALIZER_RANGE = 0.1
 
 
@@ -253,7 +259,8 @@ _SPECS: tuple[FamilySpec, ...] = (
 )
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in _SPECS}
-FAMILIES: tuple[str, ...] = tuple(SPECS)
+# Every family the zoo knows, whether or not the installed transformers ships it.
+ALL_FAMILIES: tuple[str, ...] = tuple(SPECS)
 
 
 def family_spec(family: str) -> FamilySpec:
@@ -261,7 +268,7 @@ def family_spec(family: str) -> FamilySpec:
     try:
         return SPECS[family]
     except KeyError:
-        raise KeyError(f"Unknown family {family!r}; the zoo has {', '.join(FAMILIES)}.") from None
+        raise KeyError(f"Unknown family {family!r}; the zoo has {', '.join(ALL_FAMILIES)}.") from None
 
 
 def is_available(family: str) -> bool:
@@ -270,9 +277,19 @@ def is_available(family: str) -> bool:
     return hasattr(transformers, spec.config_class) and hasattr(transformers, spec.model_class)
 
 
-def available_families() -> tuple[str, ...]:
-    """The zoo families the installed transformers ships (e.g. Kimi-Linear needs transformers >= 5.17)."""
-    return tuple(family for family in FAMILIES if is_available(family))
+# The families the installed transformers ships (Kimi-Linear needs transformers >= 5.17): what to iterate over.
+FAMILIES: tuple[str, ...] = tuple(family for family in ALL_FAMILIES if is_available(family))
+
+
+def is_supported(family: str) -> bool:
+    """Whether hf_marconi caches ``family`` on the installed transformers (``check_supported`` accepts it)."""
+    from hf_marconi.fixes import UnsupportedModelError, check_supported
+
+    try:
+        check_supported(make_config(family))
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def make_config(family: str) -> PretrainedConfig:

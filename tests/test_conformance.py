@@ -31,12 +31,12 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from hf_marconi.fixes import apply_fixes
-from hf_marconi.testing import FAMILIES, is_available, build_model, family_spec
+from hf_marconi.testing import ALL_FAMILIES, build_model, family_spec, is_available
 
 FLOAT64_RTOL = 1e-9
 FLOAT32_RTOL = 5e-5
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-RECURRENT_FAMILIES = [family for family in FAMILIES if family_spec(family).recurrent_kind is not None]
+RECURRENT_FAMILIES = [family for family in ALL_FAMILIES if family_spec(family).recurrent_kind is not None]
 
 
 def skip_unless_available(families):
@@ -49,8 +49,8 @@ def skip_unless_available(families):
     ]
 
 
-AVAILABLE_FAMILIES = skip_unless_available(FAMILIES)
-AVAILABLE_RECURRENT_FAMILIES = skip_unless_available(RECURRENT_FAMILIES)
+ALL_FAMILY_PARAMS = skip_unless_available(ALL_FAMILIES)
+RECURRENT_FAMILY_PARAMS = skip_unless_available(RECURRENT_FAMILIES)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -141,7 +141,7 @@ def assert_conforms(model: PreTrainedModel, family: str, dtype: torch.dtype, exp
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
-@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILY_PARAMS)
 def test_fixed_model_continues_exactly_with_default_arguments(family, dtype_name):
     """What a user gets: the model with hf_marconi's fixes, called without positions."""
     model = build_model(family, dtype=DTYPES[dtype_name])
@@ -149,7 +149,7 @@ def test_fixed_model_continues_exactly_with_default_arguments(family, dtype_name
     assert_conforms(model, family, DTYPES[dtype_name], explicit_positions=False)
 
 
-@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILY_PARAMS)
 def test_fixed_model_continues_exactly_with_explicit_positions(family):
     """What hf_marconi's own forwards do: pass the positions of the continued tokens."""
     model = build_model(family, dtype=torch.float64)
@@ -157,7 +157,7 @@ def test_fixed_model_continues_exactly_with_explicit_positions(family):
     assert_conforms(model, family, torch.float64, explicit_positions=True)
 
 
-@pytest.mark.parametrize("family", AVAILABLE_RECURRENT_FAMILIES)
+@pytest.mark.parametrize("family", RECURRENT_FAMILY_PARAMS)
 def test_tolerance_detects_a_lost_state(family):
     """Zeroing the cached recurrent and conv states after the prefix breaks the continuation by far more
     than the float32 tolerance, so the conformance tests above would catch a continuation that drops them."""

@@ -5,11 +5,12 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 from transformers import GPT2Config
 
-from hf_marconi.fixes import SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_fixes, check_supported
+from hf_marconi.fixes import SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_fixes, check_supported, registry
 from hf_marconi.fixes.mamba1 import mamba1_initial_state_correction
-from hf_marconi.testing import FAMILIES, is_available, build_model, make_config
+from hf_marconi.testing import ALL_FAMILIES, build_model, is_available, make_config
 
 
 def skip_unless_available(families):
@@ -22,10 +23,10 @@ def skip_unless_available(families):
     ]
 
 
-AVAILABLE_FAMILIES = skip_unless_available(FAMILIES)
+ALL_FAMILY_PARAMS = skip_unless_available(ALL_FAMILIES)
 
 
-@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILY_PARAMS)
 def test_every_zoo_family_is_supported(family):
     check_supported(make_config(family))
     check_supported(build_model(family))
@@ -137,6 +138,6 @@ def test_fix_that_finds_nothing_to_correct_refuses_the_model():
 
 
 def test_transformers_older_than_the_verified_range_is_refused(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "5.14.0")
+    monkeypatch.setattr(registry, "installed_transformers_version", lambda: Version("5.14.0"))
     with pytest.raises(UnsupportedModelError, match="transformers 5.14.0 is older than 5.15.0"):
         check_supported(make_config("bamba"))

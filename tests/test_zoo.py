@@ -3,10 +3,14 @@
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
-from hf_marconi.testing import FAMILIES, is_available, build_model, family_spec, make_config
+from hf_marconi.fixes import registry
+from hf_marconi.testing import (
+    ALL_FAMILIES, FAMILIES, build_model, family_spec, is_available, is_supported, make_config,
+)
 
 # Families with only one kind of layer: the controls.
 PURE_ATTENTION = {"llama"}
@@ -23,10 +27,10 @@ def skip_unless_available(families):
     ]
 
 
-AVAILABLE_FAMILIES = skip_unless_available(FAMILIES)
+ALL_FAMILY_PARAMS = skip_unless_available(ALL_FAMILIES)
 
 
-@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILY_PARAMS)
 def test_cache_has_both_state_kinds(family):
     cache = DynamicCache(config=make_config(family))
     attention = [layer for layer in cache.layers if isinstance(layer, CacheLayerMixin)]
@@ -39,7 +43,7 @@ def test_cache_has_both_state_kinds(family):
         assert not attention
 
 
-@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILY_PARAMS)
 def test_build_model_is_tiny_seeded_and_in_eval_mode(family):
     model = build_model(family, dtype=torch.float64, seed=3)
     assert not model.training
@@ -52,7 +56,7 @@ def test_build_model_is_tiny_seeded_and_in_eval_mode(family):
     assert not all(torch.equal(a, b) for a, b in zip(params, other_params))
 
 
-@pytest.mark.parametrize("family", AVAILABLE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILY_PARAMS)
 def test_forward_runs_and_fills_the_cache(family):
     model = build_model(family)
     cache = DynamicCache(config=model.config)
@@ -68,3 +72,9 @@ def test_forward_runs_and_fills_the_cache(family):
 def test_unknown_family_names_the_known_ones():
     with pytest.raises(KeyError, match="jamba"):
         make_config("no_such_family")
+
+
+def test_is_supported_follows_check_supported(monkeypatch):
+    assert all(is_supported(family) for family in FAMILIES)
+    monkeypatch.setattr(registry, "installed_transformers_version", lambda: Version("5.0.0"))
+    assert not is_supported("llama")

@@ -71,6 +71,10 @@ def _config_of(model_or_config: nn.Module | PretrainedConfig) -> PretrainedConfi
     return config.get_text_config(decoder=True)
 
 
+def installed_transformers_version() -> Version:
+    return Version(transformers.__version__)
+
+
 def check_supported(model_or_config: nn.Module | PretrainedConfig) -> None:
     """Raise UnsupportedModelError, saying why and what to do, unless hf_marconi can cache this model exactly.
 
@@ -79,7 +83,7 @@ def check_supported(model_or_config: nn.Module | PretrainedConfig) -> None:
     length, which only attention layers track, so an all-recurrent hybrid config cannot run with a cache at
     all); the family's fixes can be installed on the installed transformers.
     """
-    installed = Version(transformers.__version__)
+    installed = installed_transformers_version()
     if installed < MIN_TRANSFORMERS_VERSION:
         raise UnsupportedModelError(
             f"transformers {installed} is older than {MIN_TRANSFORMERS_VERSION}, the oldest release on which "
