@@ -367,3 +367,8 @@ def test_single_pass_prefill_on_a_marconi_cache():
     _forward(model, "nemotron_h", reference, ids[:, :13], 0)
     assert _max_diff(checkpoints[13], cache.layout.take_checkpoint(reference)) <= TWO_PASS_ATOL
     cache.reset_live()
+
+
+def test_report_summary_says_why_kernels_are_not_in_use():
+    assert "no kernel-backed functions" in str(kernel_report(build_model("llama")))
+    assert kernel_report(nn.Sequential(_FakeMixer(0))).summary == "kernels resolved, but the model is not on a CUDA device"

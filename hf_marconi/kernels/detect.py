@@ -105,8 +105,20 @@ class KernelReport:
         """True when the model has kernel-backed functions, every one resolved to a working kernel, on CUDA."""
         return bool(self.uses) and not self.fallbacks and not self.broken and self.device.startswith("cuda")
 
+    @property
+    def summary(self) -> str:
+        if not self.uses:
+            return "no kernel-backed functions"
+        if self.fallbacks:
+            return f"torch fallbacks in use ({len(self.fallbacks)} of {len(self.uses)} functions)"
+        if self.broken:
+            return "kernels resolved, but some cannot run (see BROKEN)"
+        if not self.device.startswith("cuda"):
+            return "kernels resolved, but the model is not on a CUDA device"
+        return "CUDA kernels in use"
+
     def __str__(self) -> str:
-        lines = [f"{self.model} on {self.device}: " + ("CUDA kernels in use" if self.kernels_in_use else "torch fallbacks in use")]
+        lines = [f"{self.model} on {self.device}: {self.summary}"]
         for package in self.packages:
             state = f"version {package.version}" if package.importable else f"not importable ({package.error})"
             lines.append(f"  {package.name}: {state}")
