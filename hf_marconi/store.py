@@ -7,6 +7,8 @@ through :meth:`PrefixStore.plan` (look up and lock the reusable prefix, choose p
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -19,6 +21,12 @@ if TYPE_CHECKING:
 
 PURELY_INPUT = "purely_input"
 INPUT_OUTPUT = "input_output"
+
+
+def _as_token_tuple(tokens: Sequence[int]) -> tuple[int, ...]:
+    """Token ids as a tuple (a tuple is taken as is: converting 30K-token prompts element by element dominates a
+    trace replay)."""
+    return tokens if type(tokens) is tuple else tuple(int(t) for t in tokens)
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,7 @@ class PrefixStore:
     def plan(self, input_ids: Sequence[int]) -> RequestPlan:
         """Look up the deepest reusable prefix of ``input_ids`` (at most all but its last token), lock it, count the
         lookup, and choose the positions to checkpoint during prefill."""
-        ids = tuple(int(t) for t in input_ids)
+        ids = _as_token_tuple(input_ids)
         if not ids:
             raise ValueError("input_ids is empty: a request needs at least one token to produce logits")
         with self._lock:
@@ -247,7 +255,7 @@ class PrefixStore:
         ``make_edge(start, end)`` is called at most once, for the token range not stored yet (``start >=
         plan.reuse_len``). Tokens past the deepest admitted checkpoint are not stored: no lookup could resume there.
         """
-        seq = tuple(int(t) for t in tokens)
+        seq = _as_token_tuple(tokens)
         with self._lock:
             self._check_open(plan)
             if seq[: len(plan.input_ids)] != plan.input_ids:
@@ -293,8 +301,13 @@ class PrefixStore:
             evicted, freed = self._evict_until(self.capacity_bytes - needed)
             clock = self._clock
             attach = tree.walk_to(seq, [stored_end])[0] if stored_end > 0 else tree.root
-            if new_edge is not None:
-                tree.add_leaf(attach, seq[stored_end:end], new_edge, clock)
+            if new_edge is not None:  # a chain of new nodes, cut at the new checkpoints past the stored path
+                node, start, rest = attach, stored_end, new_edge
+                for cut in [p for p in wanted if p > stored_end][:-1]:
+                    head, rest = rest.split(cut - start)
+                    node = tree.add_leaf(node, seq[start:cut], head, clock)
+                    start = cut
+                tree.add_leaf(node, seq[start:end], rest, clock)
             for pos, node in zip(wanted, tree.walk_to(seq, wanted)):
                 origin = PURELY_INPUT if pos <= len(plan.input_ids) and pos < len(seq) else INPUT_OUTPUT
                 tree.set_checkpoint(node, checkpoints[pos], origin, clock)
@@ -330,14 +343,49 @@ class PrefixStore:
 
     def _evict_until(self, budget: int) -> tuple[int, int]:
         """Evict per policy until the tree holds at most ``budget`` bytes; returns (nodes evicted, bytes freed)."""
+        if self.policy.per_node_priority:
+            return self._evict_by_priority(budget)
         tree, evicted, freed = self._tree, 0, 0
         while tree.nbytes > budget:
-            candidates = [n for n in tree.thin.values() if n.lock_ref == 0 and self.policy.is_candidate(n)]
+            candidates = [n for n in self._candidate_pool().values() if n.lock_ref == 0]
             if not candidates:
                 raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
             victim = self.policy.choose_victim(candidates, self.costs)
             freed += self._evict(victim)
             evicted += 1
+        return evicted, freed
+
+    def _candidate_pool(self) -> dict[int, Node]:
+        return self._tree.leaves if self.policy.evicts_leaves_only else self._tree.thin
+
+    def _is_candidate(self, node: Node) -> bool:
+        return not node.children if self.policy.evicts_leaves_only else len(node.children) <= 1
+
+    def _evict_by_priority(self, budget: int) -> tuple[int, int]:
+        """Same victims as repeated ``choose_victim`` for a policy whose order is a per-node priority, from a heap:
+        O(log candidates) per victim, which matters when every 32-token block is a node (vLLM+)."""
+        tree, policy = self._tree, self.policy
+        priority = policy.priority  # type: ignore[attr-defined]
+        order = itertools.count()  # keeps tuples comparable when a node is pushed twice with the same key
+        heap = [(priority(n), next(order), n) for n in self._candidate_pool().values() if n.lock_ref == 0]
+        heapq.heapify(heap)
+        evicted, freed = 0, 0
+        while tree.nbytes > budget:
+            if not heap:
+                raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
+            key, _, victim = heapq.heappop(heap)
+            stale = victim.parent is None or victim.lock_ref or not self._is_candidate(victim) or priority(victim) != key
+            if stale:
+                continue
+            # Eviction may fold checkpoint-less ancestors away; the first one holding a checkpoint (or the root) stays
+            # and may have become a candidate.
+            survivor = victim.parent
+            while survivor.parent is not None and survivor.checkpoint is None:
+                survivor = survivor.parent
+            freed += self._evict(victim)
+            evicted += 1
+            if survivor.parent is not None and survivor.lock_ref == 0 and self._is_candidate(survivor):
+                heapq.heappush(heap, (priority(survivor), next(order), survivor))
         return evicted, freed
 
     def _evict(self, victim: Node) -> int:

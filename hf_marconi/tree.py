@@ -78,7 +78,8 @@ class Node:
         ``lock_ref >= child.lock_ref`` for every child (a lock covers a whole root-to-node path).
     """
 
-    __slots__ = ("uid", "key", "edge", "checkpoint", "origin", "children", "parent", "depth", "last_access", "lock_ref")
+    __slots__ = ("uid", "key", "edge", "checkpoint", "origin", "children", "parent", "depth", "last_access", "lock_ref",
+                 "nbytes", "score_cache")
 
     def __init__(self, key: tuple[int, ...], edge: EdgePayload | None, parent: "Node | None", last_access: int):
         self.uid = next(_node_ids)  # creation order: a deterministic tie-breaker
@@ -91,16 +92,14 @@ class Node:
         self.depth = (parent.depth if parent is not None else 0) + len(key)
         self.last_access = last_access  # logical clock, never wall time
         self.lock_ref = 0
+        self.nbytes = edge.nbytes if edge is not None else 0  # its edge's KV and its checkpoint, kept by the tree
+        # A policy's memo of a score that depends only on this node's edge, checkpoint and parent; the tree resets it
+        # to None whenever one of them changes.
+        self.score_cache: object = None
 
     @property
     def is_leaf(self) -> bool:
         return not self.children
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this node holds: its edge's KV and its checkpoint."""
-        edge = self.edge.nbytes if self.edge is not None else 0
-        return edge + (self.checkpoint.nbytes if self.checkpoint is not None else 0)
 
     def path(self) -> list["Node"]:
         """Nodes from the root's first child down to this node (empty for the root)."""
@@ -165,12 +164,13 @@ class LockReceipt:
 
 
 class RadixTree:
-    """The tree, its byte count and the set of nodes with at most one child (the eviction candidates' pool)."""
+    """The tree, its byte count and the pools eviction draws from: nodes with at most one child, and leaves."""
 
     def __init__(self) -> None:
         self.root = Node((), None, None, last_access=0)
         self.nbytes = 0
         self.thin: dict[int, Node] = {}  # uid -> non-root node with at most one child
+        self.leaves: dict[int, Node] = {}  # uid -> non-root node without children
 
     # ----------------------------------------------------------------------------------------------- lookup
     def match(self, tokens: Sequence[int]) -> Match:
@@ -211,6 +211,10 @@ class RadixTree:
             self.thin[node.uid] = node
         else:
             self.thin.pop(node.uid, None)
+        if node.parent is not None and not node.children:
+            self.leaves[node.uid] = node
+        else:
+            self.leaves.pop(node.uid, None)
 
     def split(self, node: Node, offset: int) -> Node:
         """Split ``node``'s edge after ``offset`` tokens; returns the new upper node (no checkpoint)."""
@@ -218,6 +222,7 @@ class RadixTree:
             raise ValueError(f"split offset {offset} must lie inside the edge's {len(node.key)} tokens")
         parent = node.parent
         assert parent is not None and node.edge is not None
+        old_edge_bytes = node.edge.nbytes
         head_edge, tail_edge = node.edge.split(offset)
         upper = Node(node.key[:offset], head_edge, parent, node.last_access)
         upper.lock_ref = node.lock_ref  # every lock through node passes through upper
@@ -225,6 +230,9 @@ class RadixTree:
         node.key = node.key[offset:]
         node.edge = tail_edge
         node.parent = upper
+        node.nbytes += tail_edge.nbytes - old_edge_bytes
+        node.score_cache = None
+        self.nbytes += head_edge.nbytes + tail_edge.nbytes - old_edge_bytes
         upper.children[node.key[0]] = node
         self._update_thin(upper)
         return upper
@@ -250,6 +258,8 @@ class RadixTree:
         node.checkpoint = checkpoint
         node.origin = origin
         node.last_access = clock
+        node.nbytes += checkpoint.nbytes
+        node.score_cache = None
         self.nbytes += checkpoint.nbytes
 
     def remove_leaf(self, node: Node) -> int:
@@ -260,6 +270,7 @@ class RadixTree:
         parent = node.parent
         del parent.children[node.key[0]]
         self.thin.pop(node.uid, None)
+        self.leaves.pop(node.uid, None)
         self._update_thin(parent)
         node.parent = None
         self.nbytes -= freed
@@ -273,9 +284,13 @@ class RadixTree:
         freed = node.checkpoint.nbytes if node.checkpoint is not None else 0
         parent = node.parent
         assert node.edge is not None and child.edge is not None
+        old_edge_bytes = node.edge.nbytes + child.edge.nbytes
         child.key = node.key + child.key
         child.edge = node.edge.concat(child.edge)
         child.parent = parent
+        child.nbytes += child.edge.nbytes - old_edge_bytes + node.edge.nbytes
+        child.score_cache = None
+        freed += old_edge_bytes - child.edge.nbytes
         parent.children[child.key[0]] = child
         self.thin.pop(node.uid, None)
         node.parent = None
@@ -352,10 +367,15 @@ class RadixTree:
                 raise AssertionError(f"checkpoint origin broken at {node}")
             if len(node.children) <= 1:
                 thin[node.uid] = node
-            total += node.nbytes
+            held = node.edge.nbytes + (node.checkpoint.nbytes if node.checkpoint is not None else 0)
+            if node.nbytes != held:
+                raise AssertionError(f"byte count of {node} is {node.nbytes}, its payloads hold {held}")
+            total += held
         if self.root.lock_ref < 0:
             raise AssertionError("root lock count is negative")
         if total != self.nbytes:
             raise AssertionError(f"byte accounting broken: entries hold {total}, tree counts {self.nbytes}")
         if thin.keys() != self.thin.keys():
             raise AssertionError("eviction candidate pool differs from the nodes with at most one child")
+        if {uid for uid, n in thin.items() if not n.children} != self.leaves.keys():
+            raise AssertionError("leaf pool differs from the nodes without children")

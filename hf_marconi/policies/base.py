@@ -21,6 +21,11 @@ class Policy(Protocol):
     name: str
     max_new_checkpoints: int | None  # checkpoints one request may add; None for no limit
     alpha: float | None  # the FLOP-efficiency weight for policies that have one (Marconi), else None
+    # Eviction candidates: unlocked leaves (True) or unlocked nodes with at most one child (False).
+    evicts_leaves_only: bool
+    # True when a node's eviction order is a pure function of the node (``priority``): the store then pops victims
+    # from a heap instead of asking ``choose_victim`` to scan all candidates for every victim.
+    per_node_priority: bool
 
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
         """Prefix lengths in ``(reuse_len, input_len - 1]`` to checkpoint during prefill, ascending. ``branch_len`` is
@@ -39,10 +44,12 @@ class Policy(Protocol):
         """Refresh recency after a commit stored a sequence along ``path`` (new nodes already carry ``clock``)."""
         ...
 
-    def is_candidate(self, node: Node) -> bool:
-        """Whether an unlocked node with at most one child may be evicted under this policy."""
-        ...
-
     def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
         """The candidate to evict next (``candidates`` is non-empty)."""
         ...
+
+
+class PerNodePriorityPolicy(Policy, Protocol):
+    """A policy with ``per_node_priority = True``: ``choose_victim`` returns the candidate of lowest ``priority``."""
+
+    def priority(self, node: Node) -> tuple[int, int]: ...

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from hf_marconi.policies.base import CostModel
-from hf_marconi.policies.lru import least_recent, refresh_all
+from hf_marconi.policies.lru import least_recent, recency_priority, refresh_all
 from hf_marconi.tree import Node
 
 
@@ -20,6 +20,8 @@ class BlockPolicy:
     name: str = "vllm+"
     max_new_checkpoints: int | None = None
     alpha: float | None = None
+    evicts_leaves_only: bool = True
+    per_node_priority: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -42,8 +44,9 @@ class BlockPolicy:
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         refresh_all(path, clock)
 
-    def is_candidate(self, node: Node) -> bool:
-        return node.is_leaf
+
+    def priority(self, node: Node) -> tuple[int, int]:
+        return recency_priority(node)
 
     def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
         return least_recent(candidates)

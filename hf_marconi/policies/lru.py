@@ -13,8 +13,13 @@ def refresh_all(path: Sequence[Node], clock: int) -> None:
         node.last_access = clock
 
 
+def recency_priority(node: Node) -> tuple[int, int]:
+    """Least recently used first; creation order breaks ties."""
+    return (node.last_access, node.uid)
+
+
 def least_recent(candidates: Sequence[Node]) -> Node:
-    return min(candidates, key=lambda n: (n.last_access, n.uid))
+    return min(candidates, key=recency_priority)
 
 
 class LRUPolicy:
@@ -24,6 +29,8 @@ class LRUPolicy:
     name = "sglang+"
     max_new_checkpoints = 2
     alpha = None
+    evicts_leaves_only = True
+    per_node_priority = True
 
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
         return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
@@ -37,8 +44,9 @@ class LRUPolicy:
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         refresh_all(path, clock)
 
-    def is_candidate(self, node: Node) -> bool:
-        return node.is_leaf
+
+    def priority(self, node: Node) -> tuple[int, int]:
+        return recency_priority(node)
 
     def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
         return least_recent(candidates)

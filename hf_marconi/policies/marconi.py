@@ -23,6 +23,14 @@ def flop_efficiency(node: Node, costs: CostModel) -> float:
     return flops_saved_over_parent(node, costs) / max(node.nbytes, 1)
 
 
+def _cached_efficiency(node: Node, costs: CostModel) -> float:
+    """flop_efficiency memoised on the node (the tree clears the memo when the node's edge, checkpoint or parent
+    changes, the only inputs of the efficiency)."""
+    if node.score_cache is None:
+        node.score_cache = flop_efficiency(node, costs)
+    return node.score_cache  # type: ignore[return-value]
+
+
 def _normalise(values: list[float]) -> list[float]:
     """Min-max to [0, 1]; all equal (or a single value) maps to 1."""
     low, high = min(values), max(values)
@@ -45,6 +53,8 @@ class MarconiPolicy:
     alpha: float = 0.0
     name: str = "marconi"
     max_new_checkpoints: int | None = 2
+    evicts_leaves_only: bool = False
+    per_node_priority: bool = False  # min-max normalisation ranks a node against the other candidates
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
@@ -63,8 +73,6 @@ class MarconiPolicy:
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         return None  # the nodes and checkpoints a commit creates carry the clock already
 
-    def is_candidate(self, node: Node) -> bool:
-        return True
 
     def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
         if len(candidates) == 1:
@@ -73,7 +81,7 @@ class MarconiPolicy:
         if self.alpha == 0:
             scores = recency
         else:
-            efficiency = _normalise([flop_efficiency(n, costs) for n in candidates])
+            efficiency = _normalise([_cached_efficiency(n, costs) for n in candidates])
             scores = [r + self.alpha * e for r, e in zip(recency, efficiency)]
         best = min(range(len(candidates)), key=lambda i: (scores[i], candidates[i].last_access, candidates[i].uid))
         return candidates[best]

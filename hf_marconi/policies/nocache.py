@@ -12,6 +12,8 @@ class NoCachePolicy:
     name = "no-cache"
     max_new_checkpoints = 0
     alpha = None
+    evicts_leaves_only = True
+    per_node_priority = False
 
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
         return ()
@@ -25,8 +27,6 @@ class NoCachePolicy:
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         return None
 
-    def is_candidate(self, node: Node) -> bool:
-        return False
 
     def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
         raise RuntimeError("the no-cache policy stores nothing, so it never evicts")

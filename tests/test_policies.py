@@ -1,0 +1,166 @@
+"""Policies: which positions they checkpoint, which node they evict, alpha tuning and the oracle."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_marconi.policies import (
+    PAPER_ALPHA_GRID,
+    WIDE_ALPHA_GRID,
+    AlphaTuner,
+    BlockPolicy,
+    LRUPolicy,
+    MarconiPolicy,
+    flop_efficiency,
+    make_policy,
+    oracle_alpha,
+)
+from hf_marconi.store import PrefixStore, StateSizes
+from hf_marconi.tree import RadixTree, SimulatedCheckpoint, SimulatedEdge
+from tests.test_store import SIZES, QuadraticCosts, run
+
+
+def test_paper_grid_is_0_to_2_by_tenths_and_wide_grid_reaches_far():
+    assert PAPER_ALPHA_GRID[0] == 0.0 and PAPER_ALPHA_GRID[-1] == 2.0 and len(PAPER_ALPHA_GRID) == 21
+    assert WIDE_ALPHA_GRID[0] == 0.0 and max(WIDE_ALPHA_GRID) >= 64
+
+
+def test_block_policy_checkpoints_every_block_boundary():
+    policy = BlockPolicy(block_size=4)
+    assert policy.capture_positions(reuse_len=4, branch_len=None, input_len=14) == (8, 12)
+    assert policy.output_positions(input_len=14, total_len=21) == (16, 20)
+    store = PrefixStore(10**6, policy, QuadraticCosts(), SIZES)
+    _, result = run(store, tuple(range(10)), (50, 51, 52))
+    assert result.new_checkpoints == (4, 8, 12) and result.new_tokens == 12  # tokens past the last block are dropped
+    plan, _ = run(store, tuple(range(10)) + (50, 51, 52, 53))
+    assert plan.reuse_len == 12
+
+
+def test_marconi_alpha_zero_is_lru_and_large_alpha_keeps_the_flop_efficient_entry():
+    # An old long sequence (many FLOPs per byte: attention is quadratic) and a newer short one; the cache must drop one.
+    # Entry bytes with run()'s payloads (3 bytes of KV per token, 10-byte checkpoints): 190, 16 and 19.
+    long_seq, short_seq, newcomer = tuple(range(100, 160)), (1, 2), (7, 8, 9)
+    capacity = 190 + 16 + 10
+    for alpha, survivor in [(0.0, short_seq), (10.0, long_seq)]:
+        store = PrefixStore(capacity, MarconiPolicy(alpha=alpha), QuadraticCosts(), SIZES)
+        run(store, long_seq)
+        run(store, short_seq)
+        run(store, newcomer)
+        stored = store.tree.checkpointed_prefixes()
+        assert survivor in stored and newcomer in stored and len(stored) == 2
+
+
+def test_flop_efficiency_divides_by_the_nodes_own_bytes():
+    tree = RadixTree()
+    parent = tree.add_leaf(tree.root, (1, 2, 3, 4), SimulatedEdge(4, 5), clock=0)
+    tree.set_checkpoint(parent, SimulatedCheckpoint(7), "input_output", clock=0)
+    child = tree.add_leaf(parent, (9, 9), SimulatedEdge(2, 5), clock=0)
+    tree.set_checkpoint(child, SimulatedCheckpoint(7), "input_output", clock=0)
+    costs = QuadraticCosts()
+    assert flop_efficiency(child, costs) == costs.extend_flops(4, 2) / (2 * 5 + 7)
+
+
+def test_lru_refreshes_ancestors_but_marconi_only_the_reused_node():
+    for policy, expect_refreshed in [(LRUPolicy(), True), (MarconiPolicy(), False)]:
+        store = PrefixStore(10**6, policy, QuadraticCosts(), SIZES)
+        run(store, (1, 2, 3))
+        run(store, (1, 2, 3, 4, 5))
+        parent = store.tree.walk_to((1, 2, 3), [3])[0]
+        before = parent.last_access
+        run(store, (1, 2, 3, 4, 5, 6))  # reuses the node at 5
+        assert (parent.last_access > before) == expect_refreshed
+
+
+def test_sglang_evicts_only_leaves_marconi_also_single_child_nodes():
+    # Three nested prefixes; the oldest is the shallowest. SGLang+ must drop the leaf, Marconi (alpha 0) the oldest.
+    victims = {}
+    for policy in (LRUPolicy(), MarconiPolicy()):
+        store = PrefixStore(3 * 5 + 30 + 3, policy, QuadraticCosts(), SIZES)
+        run(store, (1,))
+        run(store, (1, 2, 3))
+        run(store, (1, 2, 3, 4, 5))  # 15 bytes of KV, 3 checkpoints: full
+        run(store, (9,))  # needs 13 bytes
+        victims[policy.name] = set(store.tree.checkpointed_prefixes())
+    assert victims["sglang+"] == {(1,), (1, 2, 3), (9,)}
+    assert victims["marconi"] == {(1, 2, 3), (1, 2, 3, 4, 5), (9,)}
+
+
+def _agentic_trace(sessions: int = 6, turns: int = 6):
+    """Sessions sharing a system prompt, each turn extending its history: (input, committed tokens) pairs."""
+    system = tuple(range(1000, 1040))
+    pairs = []
+    histories = {s: system + (2000 + s,) for s in range(sessions)}
+    for t in range(turns):
+        for s in range(sessions):
+            inp = histories[s] + tuple(3000 + 100 * s + 10 * t + k for k in range(5))
+            out = tuple(5000 + 100 * s + 10 * t + k for k in range(3))
+            pairs.append((inp, inp + out))
+            histories[s] = inp + out
+    return pairs
+
+
+def test_alpha_tuner_waits_for_first_eviction_then_tunes_once():
+    pairs = _agentic_trace()
+    tuner = AlphaTuner(grid=(0.0, 1.0, 4.0), window_factor=1)
+    store = PrefixStore(400, MarconiPolicy(), QuadraticCosts(), SIZES, tuner=tuner)
+    first_eviction = None
+    for index, (inp, tokens) in enumerate(pairs, 1):
+        _, result = store.simulate_request(inp, tokens)
+        if result.nodes_evicted and first_eviction is None:
+            first_eviction = index
+    assert first_eviction is not None
+    (record,) = tuner.history
+    assert record.after_request == 2 * first_eviction and record.window_len == first_eviction
+    grid = list(tuner.grid)
+    assert record.alpha == max(grid, key=lambda a: (record.scores[a], -grid.index(a)))
+    assert store.stats().alpha == record.alpha and store.stats().alpha_tunings == 1
+
+
+def test_alpha_tuning_is_deterministic():
+    pairs = _agentic_trace()
+    outcomes = []
+    for _ in range(2):
+        tuner = AlphaTuner(grid=WIDE_ALPHA_GRID, window_factor=1, retune=True)
+        store = PrefixStore(400, MarconiPolicy(), QuadraticCosts(), SIZES, tuner=tuner)
+        for inp, tokens in pairs:
+            store.simulate_request(inp, tokens)
+        outcomes.append((tuner.history, store.stats()))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_tuner_needs_a_policy_with_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        PrefixStore(100, LRUPolicy(), QuadraticCosts(), SIZES, tuner=AlphaTuner())
+    with pytest.raises(ValueError, match="objective"):
+        AlphaTuner(objective="latency")
+
+
+def test_oracle_returns_the_best_static_alpha():
+    pairs = _agentic_trace()
+    best, results = oracle_alpha(pairs, 400, QuadraticCosts(), SIZES, grid=(0.0, 0.5, 8.0))
+    assert set(results) == {0.0, 0.5, 8.0}
+    assert results[best].hit_tokens == max(r.hit_tokens for r in results.values())
+
+
+def test_make_policy_names():
+    assert make_policy("vllm+", block_size=16).block_size == 16
+    with pytest.raises(ValueError, match="choose one of"):
+        make_policy("lfu")
+
+
+class ScanningLRU(LRUPolicy):
+    """SGLang+ forced through choose_victim's scan over all candidates: the reference for the heap path."""
+
+    per_node_priority = False
+
+
+def test_heap_eviction_picks_the_same_victims_as_the_scan():
+    pairs = _agentic_trace(sessions=5, turns=5)
+    finals = []
+    for policy in (LRUPolicy(), ScanningLRU()):
+        store = PrefixStore(300, policy, QuadraticCosts(), SIZES)
+        for inp, tokens in pairs:
+            store.simulate_request(inp, tokens)
+        store.check_invariants()
+        finals.append((store.tree.checkpointed_prefixes(), store.stats().nodes_evicted))
+    assert finals[0] == finals[1] and finals[0][1] > 0

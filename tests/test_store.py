@@ -1,0 +1,180 @@
+"""PrefixStore: the paper's toy example, admission rules, locking, capacity and hypothesis property tests."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_marconi.policies import BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy
+from hf_marconi.store import PrefixStore, StateSizes
+from hf_marconi.tree import SimulatedCheckpoint
+from tests.test_tree import TokenEdge
+
+
+class QuadraticCosts:
+    """A tiny cost model: 100 FLOPs per token plus one per attention pair."""
+
+    def extend_flops(self, prefix_len: int, extend_len: int) -> float:
+        return 100.0 * extend_len + prefix_len * extend_len + extend_len * (extend_len + 1) / 2
+
+
+SIZES = StateSizes(kv_bytes_per_token=3, checkpoint_bytes=10)
+
+
+def words(text: str, vocab: dict[str, int]) -> tuple[int, ...]:
+    return tuple(vocab.setdefault(w, len(vocab)) for w in text.split())
+
+
+def run(store: PrefixStore, input_ids, output_ids=()):
+    """Plan and commit one request with token-tracking edges; returns (plan, result)."""
+    plan = store.plan(input_ids)
+    tokens = tuple(input_ids) + tuple(output_ids)
+    positions = store.checkpoint_positions(plan, len(tokens))
+    result = store.commit(
+        plan, tokens, lambda s, e: TokenEdge(tokens[s:e]), {p: SimulatedCheckpoint(10) for p in positions}
+    )
+    return plan, result
+
+
+def test_paper_toy_example():
+    vocab: dict[str, int] = {}
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    plan1, _ = run(store, words("NYC is a busy city", vocab))
+    assert plan1.reuse_len == 0 and plan1.capture_positions == ()
+    plan2, result2 = run(store, words("NYC is very huge", vocab))
+    assert plan2.reuse_len == 0 and plan2.capture_positions == (2,)  # the branch point after "NYC is"
+    assert result2.new_checkpoints == (2, 4)
+    branch = store.tree.walk_to(words("NYC is", vocab), [2])[0]
+    assert branch.checkpoint is not None and len(branch.children) == 2 and branch.origin == "purely_input"
+    plan3, _ = run(store, words("NYC is cold", vocab))
+    assert plan3.reuse_len == 2 and plan3.hit_kind == "purely_input"
+    assert sum(e.num_tokens for e in plan3.reuse_edges) == 2
+    store.check_invariants()
+
+
+def test_repeated_identical_prompt_hits_all_but_last_token():
+    prompt = tuple(range(10, 30))
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    reuse = [run(store, prompt, (7, 8))[0].reuse_len for _ in range(4)]
+    assert reuse == [0, 0, len(prompt) - 1, len(prompt) - 1]
+
+
+def test_next_turn_reuses_input_and_output():
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    turn1, answer = (1, 2, 3, 4), (5, 6)
+    run(store, turn1, answer)
+    plan, _ = run(store, turn1 + answer + (7, 8))
+    assert plan.reuse_len == 6 and plan.hit_kind == "input_output"
+    edges = plan.reuse_edges
+    assert tuple(t for e in edges for t in e.tokens) == turn1 + answer
+    stats = store.stats()
+    assert stats.hits_input_output == 1 and stats.hit_tokens == 6
+    assert stats.flops_saved == QuadraticCosts().extend_flops(0, 6)
+
+
+def test_commit_stores_only_ranges_not_yet_stored():
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    run(store, (1, 2, 3, 4))
+    plan = store.plan((1, 2, 3, 4, 5, 6))
+    calls = []
+    tokens = (1, 2, 3, 4, 5, 6, 7)
+
+    def make_edge(start, end):
+        calls.append((start, end))
+        return TokenEdge(tokens[start:end])
+
+    store.commit(plan, tokens, make_edge, {7: SimulatedCheckpoint(10)})
+    assert calls == [(4, 7)] and plan.reuse_len == 4
+
+
+def test_admission_refused_when_entry_cannot_fit_leaves_store_unchanged():
+    store = PrefixStore(50, MarconiPolicy(), QuadraticCosts(), SIZES)
+    run(store, (1, 2, 3))  # 9 + 10 bytes
+    before = store.tree.checkpointed_prefixes()
+    _, result = run(store, tuple(range(100, 120)))  # 60 + 10 bytes > 50
+    assert result.refused and store.tree.checkpointed_prefixes() == before
+    assert store.stats().admissions_refused == 1
+    store.check_invariants()
+
+
+def test_abort_releases_locks_and_changes_nothing():
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    run(store, (1, 2, 3), (4,))
+    plan = store.plan((1, 2, 3, 4, 5))
+    assert store.tree.root.lock_ref == 1
+    store.abort(plan)
+    store.check_invariants()
+    with pytest.raises(RuntimeError):
+        store.abort(plan)
+
+
+def test_locked_prefix_survives_pressure():
+    store = PrefixStore(60, LRUPolicy(), QuadraticCosts(), SIZES)
+    run(store, (1, 2, 3, 4))  # 22 bytes
+    plan = store.plan((1, 2, 3, 4, 5))  # locks (1, 2, 3, 4)
+    run(store, (50, 51, 52, 53))  # 22 more
+    run(store, (60, 61, 62, 63))  # would evict the LRU leaf, but it is locked: the other one goes
+    assert (1, 2, 3, 4) in store.tree.checkpointed_prefixes()
+    store.abort(plan)
+    store.check_invariants()
+
+
+def test_no_cache_policy_never_hits():
+    store = PrefixStore(10**6, NoCachePolicy(), QuadraticCosts(), SIZES)
+    for _ in range(3):
+        plan, _ = run(store, (1, 2, 3), (4,))
+        assert plan.reuse_len == 0
+    assert store.nbytes == 0
+
+
+def test_commit_rejects_tokens_not_starting_with_input():
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    plan = store.plan((1, 2, 3))
+    with pytest.raises(ValueError, match="abort"):
+        store.commit(plan, (9, 9, 9), lambda s, e: TokenEdge(()), {})
+    store.abort(plan)
+
+
+POLICIES = {
+    "marconi": lambda: MarconiPolicy(alpha=1.0),
+    "sglang+": LRUPolicy,
+    "vllm+": lambda: BlockPolicy(block_size=4),
+}
+
+# Requests over a small alphabet so that prefixes are shared and branch often.
+request_lists = st.lists(
+    st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=14), st.lists(st.integers(0, 2), max_size=4)),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(requests=request_lists, capacity=st.integers(0, 400), policy=st.sampled_from(sorted(POLICIES)),
+       history=st.booleans())
+def test_store_properties(requests, capacity, policy, history):
+    """Bytes accounted == sum of entries; capacity never exceeded after a request; every hit is a prefix that was
+    inserted (its checkpoint is the very payload admitted for it) and is still stored."""
+    store = PrefixStore(capacity, POLICIES[policy](), QuadraticCosts(), SIZES)
+    admitted: dict[tuple[int, ...], SimulatedCheckpoint] = {}
+    session: tuple[int, ...] = ()
+    for input_part, output in requests:
+        input_ids = (session if history else ()) + tuple(input_part)
+        plan = store.plan(input_ids)
+        if plan.reuse_len:
+            prefix = input_ids[: plan.reuse_len]
+            assert admitted[prefix] is plan.reuse_checkpoint
+            assert store.tree.checkpointed_prefixes()[prefix] is plan.reuse_checkpoint
+            assert tuple(t for e in plan.reuse_edges for t in e.tokens) == prefix
+        assert plan.reuse_len <= len(input_ids) - 1
+        tokens = input_ids + tuple(output)
+        offered = {p: SimulatedCheckpoint(10) for p in store.checkpoint_positions(plan, len(tokens))}
+        result = store.commit(plan, tokens, lambda s, e: TokenEdge(tokens[s:e]), offered)
+        for p in result.new_checkpoints:
+            admitted[tokens[:p]] = offered[p]
+        assert store.nbytes <= capacity
+        store.check_invariants()  # byte accounting, structure, capacity, locks
+        session = tokens
+    stats = store.stats()
+    assert stats.hit_tokens <= stats.input_tokens and stats.bytes == store.nbytes <= capacity
