@@ -232,7 +232,9 @@ def section_copy(bench: Bench, length: int) -> dict[str, Any]:
     edge = layout.take_edge(cache, 0, prefix_len)
     result["checkpoint_bytes"] = checkpoint.nbytes
     result["kv_bytes"] = edge.nbytes
-    result["checkpoint_copy_device_ms"] = bench.ms(bench.clock.time(lambda: layout.take_checkpoint(cache), bench.repeats))
+    result["checkpoint_copy_device_ms"] = bench.ms(
+        bench.clock.time(lambda: layout.take_checkpoint(cache), bench.repeats)
+    )
     result["checkpoint_copy_to_cpu_sync_ms"] = bench.ms(
         bench.clock.time(lambda: layout.take_checkpoint(cache, "cpu"), bench.repeats)
     )
@@ -249,7 +251,9 @@ def section_copy(bench: Bench, length: int) -> dict[str, Any]:
         completes.append(done - begin)
     result["checkpoint_offload_async_return_ms"] = bench.ms(bench.clock.summarise(returns[1:]))
     result["checkpoint_offload_async_complete_ms"] = bench.ms(bench.clock.summarise(completes[1:]))
-    result["kv_copy_device_ms"] = bench.ms(bench.clock.time(lambda: layout.take_edge(cache, 0, prefix_len), bench.repeats))
+    result["kv_copy_device_ms"] = bench.ms(
+        bench.clock.time(lambda: layout.take_edge(cache, 0, prefix_len), bench.repeats)
+    )
 
     devices = {idx: device for idx in range(len(cache.layers))}
     result["restore_from_device_ms"] = bench.ms(
@@ -347,15 +351,16 @@ def section_replay(
 # ------------------------------------------------------------------------------------------------- report
 def environment(model: BambaForCausalLM, command: str, preset: str, dtype: torch.dtype, timing: str) -> dict[str, Any]:
     cuda = model.device.type == "cuda"
+    cpu_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "command": command,
         "timing": timing,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(model.device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(model.device) if cuda else cpu_name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "transformers": transformers.__version__,
-        "packages": {s.name: s.version or s.error for s in (package_status("mamba_ssm"), package_status("causal_conv1d"))},
+        "packages": {s.name: s.version or s.error for s in map(package_status, ("mamba_ssm", "causal_conv1d"))},
         "preset": preset,
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -373,7 +378,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"- date: {env['date']}; torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}",
         f"- kernel packages: {env['packages']}",
         f"- timing: {env['timing']}",
-        f"- model: Bamba-shaped hybrid, preset `{env['preset']}`, {env['parameters'] / 1e6:.1f}M parameters, {env['dtype']}, random weights",
+        f"- model: Bamba-shaped hybrid, preset `{env['preset']}`, {env['parameters'] / 1e6:.1f}M parameters, "
+        f"{env['dtype']}, random weights",
         "",
         "```",
         env["kernels"],
@@ -387,7 +393,8 @@ def markdown(record: dict[str, Any]) -> str:
                   "checkpoint_offload_async_return_ms", "checkpoint_offload_async_complete_ms", "kv_copy_device_ms",
                   "restore_from_device_ms", "restore_from_cpu_prefetched_ms"]),
         "capture": ("Branch-point capture vs an uncached prefill (ms; overhead relative to uncached)",
-                    ["branch", "uncached_ms", "two_pass_ms", "single_pass_ms", "two_pass_overhead", "single_pass_overhead"]),
+                    ["branch", "uncached_ms", "two_pass_ms", "single_pass_ms", "two_pass_overhead",
+                     "single_pass_overhead"]),
     }
     for section, (title, columns) in tables.items():
         rows = record["results"].get(section)
@@ -412,8 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     parser.add_argument("--preset", choices=("tiny", *PRESETS), default="1b" if cuda else "tiny")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16" if cuda else "float32")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768] if cuda else [64, 128])
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        default="bfloat16" if cuda else "float32")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        default=[1024, 2048, 4096, 8192, 16384, 32768] if cuda else [64, 128])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=3 if cuda else 1)
     parser.add_argument("--statistic", choices=sorted(STATISTICS), default="median",

@@ -371,4 +371,5 @@ def test_single_pass_prefill_on_a_marconi_cache():
 
 def test_report_summary_says_why_kernels_are_not_in_use():
     assert "no kernel-backed functions" in str(kernel_report(build_model("llama")))
-    assert kernel_report(nn.Sequential(_FakeMixer(0))).summary == "kernels resolved, but the model is not on a CUDA device"
+    summary = kernel_report(nn.Sequential(_FakeMixer(0))).summary
+    assert summary == "kernels resolved, but the model is not on a CUDA device"

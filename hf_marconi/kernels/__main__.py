@@ -21,10 +21,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def main(argv: list[str] | None = None) -> int:
     recurrent = [name for name in FAMILIES if family_spec(name).recurrent_kind is not None]
     parser = argparse.ArgumentParser(prog="python -m hf_marconi.kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", action="append", choices=recurrent, help="family to report (repeatable; default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 unless every family runs kernels only")
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--family", action="append", choices=recurrent, help="repeatable; default: all")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16" if cuda else "float32")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 unless every family runs kernels")
     args = parser.parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     all_fast = True

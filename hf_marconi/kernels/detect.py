@@ -130,7 +130,8 @@ class KernelReport:
             lines.append(f"  [{kind}] {use.mixer} (layers {layers}) {use.function} -> {use.implementation}")
             if use.missing_extension is not None:
                 lines.append(
-                    f"           BROKEN: needs the compiled extension {use.missing_extension!r}, which does not import; "
+                    f"           BROKEN: needs the compiled extension {use.missing_extension!r}, which does not "
+                    "import; "
                     "reinstall mamba-ssm with MAMBA_KEEP_CUDA_BUILD=TRUE (main branch) or without MAMBA_SKIP_CUDA_BUILD"
                 )
         return "\n".join(lines)

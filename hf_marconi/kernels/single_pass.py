@@ -117,7 +117,8 @@ class BranchCapture:
             if length != self.end - self.start:
                 raise RuntimeError(
                     f"the mixer of layer {layer_idx} got {length} tokens inside a single-pass capture over "
-                    f"[{self.start}, {self.end}); run exactly one forward over that range inside `capture_branch_states`"
+                    f"[{self.start}, {self.end}); run exactly one forward over that range inside "
+                    "`capture_branch_states`"
                 )
             mask = kwargs.get("attention_mask")
             bounds = (0, *self.offsets, length)
