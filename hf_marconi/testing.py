@@ -146,11 +146,11 @@ _SPECS: tuple[FamilySpec, ...] = (
         model_class="NemotronHForCausalLM",
         config_kwargs=dict(
             _COMMON, **_ATTENTION, head_dim=16, intermediate_size=128,
-            # Mamba, attention, MoE, twice; MoE blocks are layers of their own (a DummyLayer in the cache). The
+            # Mamba, attention, MLP, twice; MLP blocks are layers of their own (a DummyLayer in the cache). The
             # pattern string is the checkpoint format every transformers 5.x reads (layer type names changed).
-            hybrid_override_pattern="M*EM*E",
-            num_hidden_layers=6, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-            moe_shared_expert_intermediate_size=64,
+            # MLP rather than MoE ("E"): Nemotron-H routes in float32, which would add float32 noise to float64.
+            hybrid_override_pattern="M*-M*-",
+            num_hidden_layers=6,
             ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=1, conv_kernel=4, expand=2,
             chunk_size=SSD_CHUNK_SIZE,
         ),
