@@ -2,7 +2,8 @@
 
 - :func:`kernel_report` (``python -m hf_marconi.kernels``): whether a model's mixers run mamba-ssm /
   causal-conv1d kernels or transformers' torch fallbacks.
-- :func:`single_pass_prefill`: capture the states at branch points inside one prefill forward (Mamba2 families);
+- :func:`single_pass_prefill`: capture the states at branch points inside one prefill forward (Mamba2, gated
+  delta net and short-conv families);
   None when the model needs two-pass capture.
 - :class:`StateMover`: offload stored states to pinned CPU memory and prefetch them on a side CUDA stream.
 """

@@ -20,11 +20,13 @@ Why split the mixer call rather than read the state at ``b`` out of one scan:
   would need mamba-ssm's private ``_mamba_chunk_scan_combined_fwd`` (no public API returns chunk states) plus a
   roll-forward from the last chunk boundary: more code, a private dependency, and no measurable gain over this.
 
-Supported: the Mamba2 (SSD) mixers of Mamba2, Bamba, NemotronH, FalconH1, GraniteMoeHybrid and Zamba2, whose
-multi-token continuation from the cache is exact. Other recurrent layers (Jamba's Mamba1 mixer, whose
-continuation needs hf_marconi's initial-state fix; gated delta nets; short convolutions) and sliding-window
-attention are not split here: :func:`single_pass_prefill` returns None for those models and the caller falls back
-to two-pass capture.
+Supported: the Mamba2 (SSD) mixers of Mamba2, Bamba, NemotronH, FalconH1, GraniteMoeHybrid and Zamba2, the gated
+delta nets of Qwen3-Next, Qwen3.5 and OLMo-hybrid, Kimi's delta attention and LFM2's short convolution: mixers
+whose multi-token continuation from the cache is exact, so that splitting them changes nothing but where the
+states are copied. Not split: Jamba's Mamba1 mixer (its continuation is only right with hf_marconi's
+initial-state fix installed on the instance, which a class-name registry cannot see) and sliding-window
+attention (the window at ``b`` is not what the live cache holds after the forward): :func:`single_pass_prefill`
+returns None for those models and the caller falls back to two-pass capture.
 """
 
 from __future__ import annotations
@@ -47,12 +49,19 @@ if TYPE_CHECKING:
 # conv + recurrent state of exactly its own `layer_idx`, and continues exactly from them.
 SPLITTABLE_MIXERS: frozenset[str] = frozenset(
     {
+        # Mamba2 / SSD chunked scan
         "Mamba2Mixer",
         "BambaMixer",
         "NemotronHMamba2Mixer",
         "FalconH1Mixer",
         "GraniteMoeHybridMambaLayer",
         "Zamba2MambaMixer",
+        # gated delta rule / Kimi delta attention (chunked scans of 64 tokens), short convolution
+        "Qwen3NextGatedDeltaNet",
+        "Qwen3_5GatedDeltaNet",
+        "OlmoHybridGatedDeltaNet",
+        "KimiLinearDeltaAttention",
+        "Lfm2ShortConv",
     }
 )
 
