@@ -94,6 +94,9 @@ class MarconiCache(DynamicCache):
             them to CPU memory.
         alpha_tuner: for Marconi, tunes alpha by retrospective bootstrapping (default: an ``AlphaTuner`` over a
             logarithmic grid, since the paper's 0..2 grid is too narrow for long contexts); None keeps alpha fixed.
+        capture: how branch-point states are taken during a prefill: ``"single_pass"`` (one model forward in which
+            the recurrent mixers split their input at the branch point; falls back to two passes for models whose
+            mixers cannot split, e.g. Jamba) or ``"two_pass"`` (a forward up to the branch point, then the rest).
         **policy_options: passed to the policy factory (e.g. ``alpha=0.5``, ``block_size=32`` for vLLM+).
 
     Only batch-size-1 calls reuse and admit states; larger batches run without reuse (with a warning).
@@ -106,10 +109,13 @@ class MarconiCache(DynamicCache):
         policy: str | Policy = "marconi",
         storage_device: DeviceSpec = None,
         alpha_tuner: AlphaTuner | None | str = "default",
+        capture: str = "single_pass",
         **policy_options: Any,
     ) -> None:
         if not isinstance(capacity_bytes, int) or capacity_bytes < 0:
             raise MarconiCacheError(f"capacity_bytes must be a non-negative int, got {capacity_bytes!r}")
+        if capture not in ("single_pass", "two_pass"):
+            raise MarconiCacheError(f"capture must be 'single_pass' or 'two_pass', got {capture!r}")
         check_supported(model)
         apply_fixes(model)
         self.config = model.config.get_text_config(decoder=True)
@@ -117,6 +123,7 @@ class MarconiCache(DynamicCache):
         self.model = model
         self.fingerprint = config_fingerprint(self.config)
         self.storage_device = storage_device
+        self.capture = capture
         self.layout = StateLayout.of(self)
         self.layer_devices = _layer_devices(model, len(self.layers))
         self.uses_cache_params = cache_argument(model) == "cache_params"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .kernels.single_pass import single_pass_prefill
 from .states import StateCheckpoint
 
 if TYPE_CHECKING:
@@ -80,15 +81,31 @@ class PrefixCall:
             cache.layout.restore(cache, plan.reuse_edges, plan.reuse_checkpoint, cache.layer_devices)
             cache.live_tokens = input_ids[0, : plan.reuse_len].tolist()
             restored = time.perf_counter()
-            for position in plan.capture_positions:
-                _prefill(cache, input_ids[:, call.prefilled : position], start=call.prefilled)
-                call.checkpoints[position] = cache.layout.take_checkpoint(cache, cache.storage_device)
-                call.prefilled = position
+            if plan.capture_positions:
+                call._capture(plan.capture_positions)
             call.timings = CallTimings(looked_up - started, restored - looked_up, time.perf_counter() - restored)
         except BaseException:
             call.abort()
             raise
         return call
+
+    def _capture(self, positions: tuple[int, ...]) -> None:
+        """Prefill the prompt but its last token, copying the fixed-size states at each capture position.
+
+        Single pass where the model's recurrent mixers can split their input (one model forward); otherwise two
+        passes: a forward up to each position, a copy, and the rest left to generate.
+        """
+        cache, end = self.cache, self.input_ids.shape[1] - 1
+        if cache.capture == "single_pass":
+            captured = single_pass_prefill(cache, self.input_ids[:, :end], self.prefilled, positions)
+            if captured is not None:
+                self.checkpoints.update(captured)
+                self.prefilled = end
+                return
+        for position in positions:
+            _prefill(cache, self.input_ids[:, self.prefilled : position], start=self.prefilled)
+            self.checkpoints[position] = cache.layout.take_checkpoint(cache, cache.storage_device)
+            self.prefilled = position
 
     def abort(self) -> None:
         """Forget this call: release the lookup's lock and drop the live states. The store is unchanged."""

@@ -92,8 +92,9 @@ def test_multi_turn_reuses_input_and_output(model):
     fed.handle.remove()
 
 
-def test_shared_system_prompt_hits_from_third_occurrence(model):
-    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+@pytest.mark.parametrize("capture", ["single_pass", "two_pass"])
+def test_shared_system_prompt_hits_from_third_occurrence(model, capture):
+    cache = MarconiCache(model, capacity_bytes=CAPACITY, capture=capture)
     system = _random_tokens(24, seed=2)
     hits = []
     for i in range(4):
