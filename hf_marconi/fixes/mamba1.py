@@ -39,8 +39,9 @@ def mamba1_initial_state_correction(
         initial_state: (batch, channels, state_size) the state before the first token, h0.
 
     Returns:
-        (y_correction, final_state_correction): (batch, channels, seq_len) to add to the scan output before
-        the D skip and the z gate, and (batch, channels, state_size) to add to the scan's last state.
+        (y_correction, final_state_correction): (batch, channels, seq_len) to add to the scan's y before the
+        z gate (after a gated scan, add ``y_correction * silu(z)``), and (batch, channels, state_size) to add to
+        the scan's last state.
         Computed in the promotion of the inputs' dtype with float32 (as the scans do), so a bfloat16 model
         gets a float32 correction.
     """
