@@ -71,7 +71,7 @@ def simulate(
     ordered = replay_order(trace)
     start = time.perf_counter()
     for index, request in enumerate(ordered, 1):
-        store.simulate_request(request.input_ids, request.input_ids + request.output_ids)
+        store.replay_request(request.input_ids, request.output_ids)
         if check_every and index % check_every == 0:
             store.check_invariants()
     wall = time.perf_counter() - start

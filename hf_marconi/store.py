@@ -260,6 +260,17 @@ class PrefixStore:
             self._check_open(plan)
             if seq[: len(plan.input_ids)] != plan.input_ids:
                 raise ValueError("tokens must start with plan.input_ids; call abort(plan) to drop this request")
+            return self._commit(plan, seq, make_edge, checkpoints)
+
+    def _commit(
+        self,
+        plan: RequestPlan,
+        seq: tuple[int, ...],
+        make_edge: Callable[[int, int], EdgePayload],
+        checkpoints: Mapping[int, Payload],
+    ) -> AdmitResult:
+        """commit() once ``seq`` is known to start with the plan's input."""
+        with self._lock:
             self._clock += 1
             result = self._admit(plan, seq, make_edge, checkpoints)
             self._release(plan.receipt)
@@ -276,7 +287,7 @@ class PrefixStore:
         checkpoints: Mapping[int, Payload],
     ) -> AdmitResult:
         tree = self._tree
-        match = tree.match(seq)
+        match = tree.match(seq, start=plan.receipt.node)  # the plan's locked reuse node (or the root)
         existing = {n.depth for n in match.path if n.checkpoint is not None}
         wanted = [p for p in self.checkpoint_positions(plan, len(seq)) if p in checkpoints and p not in existing]
         limit = self.policy.max_new_checkpoints
@@ -461,6 +472,17 @@ class PrefixStore:
         positions = self.checkpoint_positions(plan, len(tokens))
         kv = self.sizes.kv_bytes_per_token
         result = self.commit(plan, tokens, lambda start, end: SimulatedEdge(end - start, kv), {p: ckpt for p in positions})
+        return plan, result
+
+    def replay_request(self, input_ids: tuple[int, ...], output_ids: tuple[int, ...]) -> tuple[RequestPlan, AdmitResult]:
+        """simulate_request for a request given as input and output (the simulator, the alpha tuner): the committed
+        tokens are built here, so the check that they start with the input is not needed."""
+        plan = self.plan(input_ids)
+        seq = plan.input_ids + _as_token_tuple(output_ids)
+        ckpt = SimulatedCheckpoint(self.sizes.checkpoint_bytes)
+        kv = self.sizes.kv_bytes_per_token
+        positions = self.checkpoint_positions(plan, len(seq))
+        result = self._commit(plan, seq, lambda start, end: SimulatedEdge(end - start, kv), {p: ckpt for p in positions})
         return plan, result
 
     def snapshot(self) -> TreeSnapshot:

@@ -173,9 +173,11 @@ class RadixTree:
         self.leaves: dict[int, Node] = {}  # uid -> non-root node without children
 
     # ----------------------------------------------------------------------------------------------- lookup
-    def match(self, tokens: Sequence[int]) -> Match:
-        """Walk ``tokens`` from the root as far as they agree with stored edges."""
-        node, pos, path = self.root, 0, []
+    def match(self, tokens: Sequence[int], start: Node | None = None) -> Match:
+        """Walk ``tokens`` from the root as far as they agree with stored edges. With ``start``, the caller vouches that
+        ``tokens`` begin with ``start``'s prefix, and the walk resumes there (saves comparing long reused prefixes)."""
+        node = start if start is not None else self.root
+        pos, path = node.depth, node.path()
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:

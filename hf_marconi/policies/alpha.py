@@ -41,12 +41,13 @@ def replay_window(
     costs: CostModel,
     sizes: "StateSizes",
 ) -> "StoreStats":
-    """Replay ``(input_ids, committed tokens)`` pairs from ``snapshot`` with a static alpha; returns the replay's stats."""
+    """Replay ``(input_ids, tokens committed after them)`` pairs from ``snapshot`` with a static alpha; returns the
+    replay's stats."""
     from hf_marconi.store import PrefixStore
 
     store = PrefixStore.from_snapshot(snapshot, capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
-    for input_ids, tokens in window:
-        store.simulate_request(input_ids, tokens)
+    for input_ids, continuation in window:
+        store.replay_request(input_ids, continuation)
     return store.stats()
 
 
@@ -98,7 +99,7 @@ class AlphaTuner:
                 self._window_len = self.window_factor * self._requests
                 self._snapshot = store.snapshot()
             return
-        self._window.append((input_ids, tokens))
+        self._window.append((input_ids, tokens[len(input_ids) :]))
         assert self._window_len is not None
         if len(self._window) < self._window_len:
             return
@@ -129,12 +130,12 @@ def oracle_alpha(
     the best alpha by ``objective`` (ties: first in ``grid``) and every alpha's stats."""
     from hf_marconi.store import PrefixStore
 
-    pairs = [(tuple(i), tuple(t)) for i, t in requests]
+    pairs = [(tuple(i), tuple(t)[len(i) :]) for i, t in requests]
     results: dict[float, "StoreStats"] = {}
     for alpha in grid:
         store = PrefixStore(capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
-        for input_ids, tokens in pairs:
-            store.simulate_request(input_ids, tokens)
+        for input_ids, continuation in pairs:
+            store.replay_request(input_ids, continuation)
         results[alpha] = store.stats()
     best = max(grid, key=lambda a: (objective_value(results[a], objective), -list(grid).index(a)))
     return best, results

@@ -83,5 +83,6 @@ class MarconiPolicy:
         else:
             efficiency = _normalise([_cached_efficiency(n, costs) for n in candidates])
             scores = [r + self.alpha * e for r, e in zip(recency, efficiency)]
-        best = min(range(len(candidates)), key=lambda i: (scores[i], candidates[i].last_access, candidates[i].uid))
+        # Lowest score; ties go to the least recent, then the oldest node (tuples compare in C, no key function).
+        *_, best = min(zip(scores, [n.last_access for n in candidates], [n.uid for n in candidates], range(len(scores))))
         return candidates[best]
