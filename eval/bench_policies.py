@@ -1,10 +1,11 @@
 """Policy benchmark: replay the SWE-bench agent trace through Marconi, SGLang+ and vLLM+ at several capacities.
 
-    python -m eval.bench_policies                       # 10, 20 and 40 GB, the paper's 7B hybrid, both alpha grids
-    python -m eval.bench_policies --capacities-gb 5 20 --grids paper --workers 1
+    python -m eval.bench_policies                       # 10, 20 and 40 GB, the paper's 7B hybrid, paper alpha grid
+    python -m eval.bench_policies --grids paper wide    # Marconi tuned over both alpha grids
+    python -m eval.bench_policies --capacities-gb 5 20 --workers 1
 
-Marconi runs with retrospective alpha tuning, once over the paper's grid (0, 0.1, ..., 2.0) and once over a wide
-logarithmic grid (0, 1/8, ..., 128). Runs are spread over worker processes; every run is deterministic, only the
+Marconi runs with retrospective alpha tuning over the paper's grid (0, 0.1, ..., 2.0) and/or a wide logarithmic
+grid (0, 1/8, ..., 128). Runs are spread over worker processes; every run is deterministic, only the
 requests/s column depends on the machine.
 """
 
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capacities-gb", type=float, nargs="+", default=[10.0, 20.0, 40.0])
     parser.add_argument("--preset", default="paper-7b-hybrid", choices=sorted(PRESETS))
-    parser.add_argument("--grids", nargs="+", default=["paper", "wide"], choices=sorted(GRIDS))
+    parser.add_argument("--grids", nargs="+", default=["paper"], choices=sorted(GRIDS),
+                        help="alpha grids to tune Marconi over, one Marconi run per grid")
     parser.add_argument("--window-factor", type=int, default=5, help="k in the tuning window W = k * N")
     parser.add_argument("--objective", default="token_hits", choices=["token_hits", "flops_saved"])
     parser.add_argument("--block-size", type=int, default=32, help="vLLM+ block size in tokens")
