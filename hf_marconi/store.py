@@ -115,6 +115,22 @@ class StoreStats:
 
 
 @dataclass(frozen=True)
+class StoredEntry:
+    """One stored node, as :meth:`PrefixStore.entries` lists it and :meth:`PrefixStore.load_entries` takes it back.
+
+    Entries come parents first; the payloads are the store's own objects and must not be mutated (copy out of them).
+    """
+
+    prefix_len: int  # tokens from the root to the end of this node's edge
+    key: tuple[int, ...]  # the edge's tokens (non-empty)
+    parent: int  # index of the parent entry in the list, -1 for the root
+    edge: EdgePayload  # per-token state (attention KV) of the key's tokens
+    checkpoint: Payload | None  # fixed-size states valid at prefix_len, or None
+    origin: str | None  # "purely_input" or "input_output" when a checkpoint is held, else None
+    last_access: int  # the store's logical clock at the last access
+
+
+@dataclass(frozen=True)
 class _SnapshotNode:
     parent: int  # index into TreeSnapshot.nodes, -1 for the root
     key: tuple[int, ...]
@@ -485,6 +501,39 @@ class PrefixStore:
         result = self._commit(plan, seq, lambda start, end: SimulatedEdge(end - start, kv), {p: ckpt for p in positions})
         return plan, result
 
+    # ------------------------------------------------------------------------------------------ persistence
+    def entries(self) -> list[StoredEntry]:
+        """Every stored node, parents before children (depth-first, children in key order), taken under the lock.
+
+        For saving the store: the payloads are the stored objects themselves, to be read, never mutated."""
+        with self._lock:
+            index = {self._tree.root.uid: -1}
+            out: list[StoredEntry] = []
+            for node in self._tree.nodes():
+                assert node.parent is not None and node.edge is not None
+                index[node.uid] = len(out)
+                out.append(StoredEntry(node.depth, node.key, index[node.parent.uid], node.edge, node.checkpoint,
+                                       node.origin, node.last_access))
+            return out
+
+    def load_entries(self, entries: Sequence[StoredEntry]) -> None:
+        """Rebuild the tree from ``entries`` (as :meth:`entries` lists them) into this store, which must be empty.
+
+        The tree is built aside and swapped in only when every entry is valid, so on any error (ValueError naming the
+        entry and the problem) the store is left unchanged. The logical clock continues from the largest
+        ``last_access``; statistics other than bytes are not restored."""
+        with self._lock:
+            if self._tree.root.children or self._open:
+                raise ValueError("load_entries needs an empty store with no open plan; load into a new PrefixStore")
+            tree = _tree_from_entries(entries)
+            if tree.nbytes > self.capacity_bytes:
+                raise ValueError(f"the entries hold {tree.nbytes} bytes, more than this store's capacity of "
+                                 f"{self.capacity_bytes}; load them into a store with a larger capacity_bytes")
+            self._tree = tree
+            self._clock = max([self._clock] + [e.last_access for e in entries])
+            self._stats.bytes = tree.nbytes
+            self._stats.peak_bytes = max(self._stats.peak_bytes, tree.nbytes)
+
     def snapshot(self) -> TreeSnapshot:
         """The tree reduced to sizes, for replaying from this moment (alpha tuning)."""
         with self._lock:
@@ -524,3 +573,41 @@ class PrefixStore:
         store._clock = snapshot.clock
         store._stats.bytes = store._stats.peak_bytes = tree.nbytes
         return store
+
+
+def _tree_from_entries(entries: Sequence[StoredEntry]) -> RadixTree:
+    """A new tree holding ``entries``; raises ValueError naming the first invalid entry."""
+    tree = RadixTree()
+    built: list[Node] = []
+    for i, entry in enumerate(entries):
+        where = f"entry {i} (prefix_len {getattr(entry, 'prefix_len', '?')})"
+        if not isinstance(entry, StoredEntry):
+            raise ValueError(f"{where} is a {type(entry).__name__}, expected StoredEntry")
+        if not entry.key:
+            raise ValueError(f"{where} has an empty key; every stored edge holds at least one token")
+        if not -1 <= entry.parent < i:
+            raise ValueError(f"{where} names parent {entry.parent}; a parent must be listed before its child (or -1)")
+        parent = tree.root if entry.parent < 0 else built[entry.parent]
+        if entry.prefix_len != parent.depth + len(entry.key):
+            raise ValueError(f"{where}: prefix_len should be the parent's {parent.depth} + {len(entry.key)} key tokens")
+        if entry.key[0] in parent.children:
+            raise ValueError(f"{where} starts with the same token as a sibling; siblings must differ in their first token")
+        if not isinstance(entry.edge, EdgePayload) or entry.edge.nbytes < 0:
+            raise ValueError(f"{where} has no valid edge payload (needs nbytes >= 0, split, concat)")
+        num_tokens = getattr(entry.edge, "num_tokens", len(entry.key))
+        if num_tokens != len(entry.key):
+            raise ValueError(f"{where}: the edge payload holds {num_tokens} tokens for a {len(entry.key)}-token key")
+        if (entry.checkpoint is None) != (entry.origin is None) or entry.origin not in (None, PURELY_INPUT, INPUT_OUTPUT):
+            raise ValueError(f"{where}: origin must be {PURELY_INPUT!r} or {INPUT_OUTPUT!r} exactly when a checkpoint is "
+                             f"held, got checkpoint {entry.checkpoint!r} with origin {entry.origin!r}")
+        if entry.checkpoint is not None and (not isinstance(entry.checkpoint, Payload) or entry.checkpoint.nbytes < 0):
+            raise ValueError(f"{where} has an invalid checkpoint payload (needs nbytes >= 0)")
+        node = tree.add_leaf(parent, entry.key, entry.edge, entry.last_access)
+        if entry.checkpoint is not None:
+            tree.set_checkpoint(node, entry.checkpoint, entry.origin, entry.last_access)
+        built.append(node)
+    try:
+        tree.check_invariants()  # the structure rule: no checkpoint-less node with fewer than two children
+    except AssertionError as error:
+        raise ValueError(f"the entries do not form a valid store: {error}") from None
+    return tree

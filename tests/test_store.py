@@ -178,3 +178,59 @@ def test_store_properties(requests, capacity, policy, history):
         session = tokens
     stats = store.stats()
     assert stats.hit_tokens <= stats.input_tokens and stats.bytes == store.nbytes <= capacity
+
+
+def _filled_store(capacity: int = 10**6) -> PrefixStore:
+    store = PrefixStore(capacity, MarconiPolicy(), QuadraticCosts(), SIZES)
+    for input_ids, output in [((1, 2, 3, 4), (5, 6)), ((1, 2, 7, 8), (9,)), ((1, 2, 3, 4, 5, 6, 10), (11,)), ((20, 21), ())]:
+        store.simulate_request(input_ids, input_ids + output)
+    return store
+
+
+def test_entries_round_trip_preserves_prefixes_bytes_and_recency():
+    store = _filled_store()
+    entries = store.entries()
+    assert entries and all(e.parent < i for i, e in enumerate(entries))
+    assert all(e.prefix_len == (entries[e.parent].prefix_len if e.parent >= 0 else 0) + len(e.key) for e in entries)
+    loaded = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    loaded.load_entries(entries)
+    loaded.check_invariants()
+    assert loaded.nbytes == store.nbytes and loaded.stats().bytes == store.nbytes
+    assert {k: v.nbytes for k, v in loaded.tree.checkpointed_prefixes().items()} == {
+        k: v.nbytes for k, v in store.tree.checkpointed_prefixes().items()}
+    assert [(e.key, e.parent, e.origin, e.last_access) for e in loaded.entries()] == [
+        (e.key, e.parent, e.origin, e.last_access) for e in entries]
+    plan = loaded.plan((1, 2, 3, 4, 5, 6, 10, 11, 12))  # the loaded store serves hits and keeps its clock going
+    assert plan.reuse_len == 8 and plan.hit_kind == "input_output"
+    loaded.abort(plan)
+
+
+def test_load_entries_rejects_bad_input_and_leaves_store_empty():
+    from dataclasses import replace
+
+    good = _filled_store().entries()
+    child = next(i for i, e in enumerate(good) if e.parent >= 0)
+    bad_lists = {
+        "empty key": [replace(good[0], key=())] + good[1:],
+        "parent": good[:child] + [replace(good[child], parent=child)] + good[child + 1 :],
+        "prefix_len": [replace(good[0], prefix_len=good[0].prefix_len + 1)] + good[1:],
+        "origin": [replace(good[0], origin="somewhere")] + good[1:],
+        "structure": good[:-1] + [replace(good[-1], checkpoint=None, origin=None)],  # a leaf no lookup can use
+        "siblings": good + [replace(good[-1], key=good[-1].key + (99,), prefix_len=good[-1].prefix_len + 1)],
+    }
+    for name, entries in bad_lists.items():
+        store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+        with pytest.raises(ValueError):
+            store.load_entries(entries)
+            pytest.fail(f"{name}: accepted")
+        assert store.nbytes == 0 and not store.tree.root.children, name
+        store.check_invariants()
+    small = PrefixStore(5, MarconiPolicy(), QuadraticCosts(), SIZES)
+    with pytest.raises(ValueError, match="capacity"):
+        small.load_entries(good)
+    assert small.nbytes == 0 and not small.tree.root.children
+    full = _filled_store()
+    before = full.entries()
+    with pytest.raises(ValueError, match="empty store"):
+        full.load_entries(good)
+    assert full.entries() == before
