@@ -185,12 +185,16 @@ class PrefixStore:
     # ------------------------------------------------------------------------------------------------- plan
     def plan(self, input_ids: Sequence[int]) -> RequestPlan:
         """Look up the deepest reusable prefix of ``input_ids`` (at most all but its last token), lock it, count the
-        lookup, and choose the positions to checkpoint during prefill."""
+        lookup, and choose the positions to checkpoint during prefill.
+
+        Apart from the lock, planning changes nothing a later request or eviction could see: recency is refreshed at
+        :meth:`commit`, so an aborted request leaves every entry exactly as it was. The lookup statistics (lookups,
+        hits, hit tokens, FLOPs saved) are counted here, because the lookup did happen and its hit was served to the
+        caller whether or not it commits."""
         ids = _as_token_tuple(input_ids)
         if not ids:
             raise ValueError("input_ids is empty: a request needs at least one token to produce logits")
         with self._lock:
-            self._clock += 1
             match = self._tree.match(ids)
             limit = len(ids) - 1
             reused: Node | None = None
@@ -206,7 +210,6 @@ class PrefixStore:
                 raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
             receipt = self._tree.lock(reused if reused is not None else self._tree.root)
             self._open[id(receipt)] = receipt
-            self.policy.touch(match.path, reused, self._clock)
             self._count_lookup(ids, reused)
             return RequestPlan(
                 input_ids=ids,
@@ -304,6 +307,11 @@ class PrefixStore:
     ) -> AdmitResult:
         tree = self._tree
         match = tree.match(seq, start=plan.receipt.node)  # the plan's locked reuse node (or the root)
+        # The lookup's recency refresh, deferred from plan() so that an abort leaves recency untouched; done before
+        # evicting, so the entries this request used count as the most recent ones.
+        input_len = len(plan.input_ids)
+        reused = plan.receipt.node if plan.reuse_len else None
+        self.policy.touch([n for n in match.path if n.depth <= input_len], reused, self._clock)
         existing = {n.depth for n in match.path if n.checkpoint is not None}
         wanted = [p for p in self.checkpoint_positions(plan, len(seq)) if p in checkpoints and p not in existing]
         limit = self.policy.max_new_checkpoints

@@ -234,3 +234,26 @@ def test_load_entries_rejects_bad_input_and_leaves_store_empty():
     with pytest.raises(ValueError, match="empty store"):
         full.load_entries(good)
     assert full.entries() == before
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_abort_leaves_tree_and_recency_identical(policy):
+    store = PrefixStore(10**6, POLICIES[policy](), QuadraticCosts(), SIZES)
+    for input_ids, output in [((1, 2, 3, 4, 5, 6, 7, 8), (9,)), ((1, 2, 3, 4, 10, 11, 12, 13), ()), ((20, 21, 22), (23,))]:
+        run(store, input_ids, output)
+    before = store.entries()
+    plan = store.plan((1, 2, 3, 4, 5, 6, 7, 8, 9, 30))  # a hit on the whole first sequence
+    assert plan.reuse_len > 0
+    store.abort(plan)
+    assert store.entries() == before  # keys, payloads, origins and last_access of every entry
+    store.check_invariants()
+
+
+def test_commit_refreshes_the_reused_entry():
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    run(store, (1, 2, 3, 4), (5,))
+    run(store, (40, 41, 42), (43,))
+    plan, _ = run(store, (1, 2, 3, 4, 5, 6))
+    reused = store.tree.walk_to(plan.input_ids, [plan.reuse_len])[0]
+    other = store.tree.walk_to((40, 41, 42, 43), [4])[0]
+    assert reused.last_access > other.last_access
