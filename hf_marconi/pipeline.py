@@ -1,0 +1,271 @@
+"""Text generation and chat with a MarconiCache threaded through every call.
+
+A chat session keeps the exact token ids the model read and wrote, turn after turn: the prompt of turn t+1 is
+turn t's prompt, turn t's generated ids, and only the newly rendered part of the chat template tokenized. Decoding a
+reply and tokenizing it again can give other ids (invalid UTF-8 bytes become U+FFFD, BPE merges differently across a
+boundary), and any difference would make the stored prefix unusable; keeping the ids makes turn t+1 a hit on turn
+t's input and output.
+
+::
+
+    pipe = MarconiPipeline(model, tokenizer, capacity_bytes=2**30)
+    chat = pipe.chat(system="You are terse.")
+    print(chat.send("Hello!"))
+    print(chat.send("And again?", on_text=lambda piece: print(piece, end="")))   # streamed
+    print(pipe("Once upon a time"))                                                # plain text generation
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from .cache import MarconiCache, cache_argument
+
+logger = logging.getLogger(__name__)
+
+# A chat template for tokenizers that ship none (the byte-level tokenizer below, GPT-2): role headers and an
+# end-of-turn line.
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+DEFAULT_GENERATE = dict(max_new_tokens=32, do_sample=False)
+
+
+def byte_level_tokenizer(chat_template: str = SIMPLE_CHAT_TEMPLATE) -> PreTrainedTokenizerBase:
+    """A tokenizer whose ids are byte values (0..255) and that has no merges: fits the 256-token vocabulary of the
+    tiny models of :mod:`hf_marconi.testing`. Id 0 is the padding token, 1 BOS, 2 EOS (as in the tiny configs).
+
+    Decoding generated ids that are not valid UTF-8 gives U+FFFD, which encodes to other ids: the case in which a
+    chat must keep its ids rather than re-tokenize its text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    stand_in = _byte_stand_ins()
+    vocab = {stand_in[byte]: byte for byte in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=stand_in[0],
+        bos_token=stand_in[1],
+        eos_token=stand_in[2],
+    )
+    wrapped.chat_template = chat_template
+    return wrapped
+
+
+def gpt2_tokenizer(directory: str, chat_template: str = SIMPLE_CHAT_TEMPLATE) -> PreTrainedTokenizerBase:
+    """The GPT-2 BPE from a folder holding ``vocab.json`` and ``merges.txt`` (offline), with a chat template."""
+    from pathlib import Path
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(directory)
+    bpe = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    wrapped.chat_template = chat_template
+    return wrapped
+
+
+def _byte_stand_ins() -> dict[int, str]:
+    """GPT-2's map from a byte to the printable character byte-level BPE writes it as."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+class _CallbackStreamer(TextStreamer):
+    """Hands each piece of finished text to a callback instead of printing it (the prompt is skipped)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+class _Fanout(BaseStreamer):
+    """Forwards generate's stream to several streamers."""
+
+    def __init__(self, streamers: Sequence[BaseStreamer]):
+        self.streamers = streamers
+
+    def put(self, value: torch.Tensor) -> None:
+        for streamer in self.streamers:
+            streamer.put(value)
+
+    def end(self) -> None:
+        for streamer in self.streamers:
+            streamer.end()
+
+
+class MarconiPipeline:
+    """A model, its tokenizer and a MarconiCache: text generation and chat sessions that reuse stored prefixes.
+
+    Args:
+        model: a causal LM supported by MarconiCache.
+        tokenizer: its tokenizer; chat needs a chat template (``tokenizer.chat_template``).
+        cache: the MarconiCache to thread through every call; built from ``capacity_bytes`` when None. Several
+            pipelines and sessions may share one cache (it is thread-safe).
+        capacity_bytes: capacity of the cache built when ``cache`` is None.
+        **generate_defaults: defaults for ``model.generate`` (greedy, 32 new tokens unless given), overridable per
+            call.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cache: MarconiCache | None = None,
+        capacity_bytes: int | None = None,
+        **generate_defaults: Any,
+    ) -> None:
+        if cache is None:
+            if capacity_bytes is None:
+                raise ValueError("pass a MarconiCache as cache=..., or capacity_bytes=... to build one")
+            cache = MarconiCache(model, capacity_bytes=capacity_bytes)
+        elif cache.model is not model:
+            raise ValueError("the cache was built for another model instance; build the pipeline with that model")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
+        self.generate_defaults = dict(DEFAULT_GENERATE, pad_token_id=pad)
+        self.generate_defaults.update(generate_defaults)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, cache: MarconiCache | None = None, capacity_bytes: int | None = None,
+                      **generate_defaults: Any) -> "MarconiPipeline":
+        """Wrap a transformers ``text-generation`` pipeline's model and tokenizer."""
+        return cls(pipe.model, pipe.tokenizer, cache=cache, capacity_bytes=capacity_bytes, **generate_defaults)
+
+    # -------------------------------------------------------------------------------------------------- ids
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        streamer: BaseStreamer | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **generate_kwargs: Any,
+    ) -> list[int]:
+        """Generate after ``prompt_ids`` through the cache; returns the new token ids.
+
+        ``streamer`` (e.g. ``TextIteratorStreamer``) and ``on_text`` (called with each finished piece of text)
+        stream the reply as it is generated.
+        """
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
+        settings = dict(self.generate_defaults, **generate_kwargs)
+        streamers = [s for s in (streamer, _CallbackStreamer(self.tokenizer, on_text) if on_text else None) if s]
+        if streamers:
+            settings["streamer"] = streamers[0] if len(streamers) == 1 else _Fanout(streamers)
+        output = self.model.generate(ids, past_key_values=self.cache, **settings)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        return sequences[0, ids.shape[1]:].tolist()
+
+    def __call__(self, text: str, **generate_kwargs: Any) -> str:
+        """Text generation: the continuation of ``text`` (special tokens skipped)."""
+        prompt = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return self.tokenizer.decode(self.generate_ids(prompt, **generate_kwargs), skip_special_tokens=True)
+
+    def chat(self, system: str | None = None, messages: Sequence[dict[str, str]] = ()) -> "ChatSession":
+        """A new conversation, optionally starting with a system prompt and earlier messages."""
+        if self.tokenizer.chat_template is None:
+            raise ValueError(
+                "the tokenizer has no chat template; set tokenizer.chat_template (e.g. "
+                "hf_marconi.pipeline.SIMPLE_CHAT_TEMPLATE) or use the pipeline for plain text generation"
+            )
+        history = [{"role": "system", "content": system}] if system is not None else []
+        return ChatSession(self, history + [dict(m) for m in messages])
+
+    # ---------------------------------------------------------------------------------------- uncached ids
+    def reference_ids(self, prompt_ids: Sequence[int], **generate_kwargs: Any) -> list[int]:
+        """Generate without the cache (a fresh ``DynamicCache``): what the cached call must equal under greedy
+        decoding. For checks and examples."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
+        settings = dict(self.generate_defaults, **generate_kwargs)
+        settings[cache_argument(self.model)] = DynamicCache(config=self.model.config)
+        output = self.model.generate(ids, **settings)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        return sequences[0, ids.shape[1]:].tolist()
+
+
+@dataclass
+class ChatSession:
+    """One conversation. ``token_ids`` are exactly the ids the model read and wrote so far (the prompt of the
+    latest turn followed by its reply); ``messages`` the conversation as text."""
+
+    pipeline: MarconiPipeline
+    messages: list[dict[str, str]]
+    token_ids: list[int] = field(default_factory=list)
+    last_prompt_ids: list[int] = field(default_factory=list)
+    last_reply_ids: list[int] = field(default_factory=list)
+
+    def send(
+        self,
+        content: str,
+        role: str = "user",
+        streamer: BaseStreamer | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **generate_kwargs: Any,
+    ) -> str:
+        """Add a message, generate the assistant's reply through the cache, and return its text."""
+        prompt = self.token_ids + self._new_prompt_ids({"role": role, "content": content})
+        reply_ids = self.pipeline.generate_ids(prompt, streamer=streamer, on_text=on_text, **generate_kwargs)
+        reply = self.pipeline.tokenizer.decode(reply_ids, skip_special_tokens=True)
+        self.messages += [{"role": role, "content": content}, {"role": "assistant", "content": reply}]
+        self.last_prompt_ids, self.last_reply_ids = prompt, reply_ids
+        self.token_ids = prompt + reply_ids
+        return reply
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.pipeline.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template writes any special tokens itself.
+        return self.pipeline.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _new_prompt_ids(self, message: dict[str, str]) -> list[int]:
+        """Ids of what the chat template adds after the stored ids for ``message`` and the generation prompt."""
+        full = self._render(self.messages + [message], add_generation_prompt=True)
+        if not self.token_ids:
+            return self._encode(full)
+        # The stored ids end with the last reply's ids as generated: the text the template renders after the
+        # reply (end-of-turn marker, the new message, the generation prompt) is all that is new.
+        *earlier, last_reply = self.messages
+        rendered_up_to_reply = self._render(earlier, add_generation_prompt=True) + last_reply["content"]
+        if not full.startswith(rendered_up_to_reply):
+            logger.warning(
+                "the chat template does not render the conversation as the previous prompt followed by the reply; "
+                "re-tokenizing the whole conversation (no reuse of the last reply for this turn)"
+            )
+            self.token_ids = []
+            return self._encode(full)
+        tail = full[len(rendered_up_to_reply):]
+        tokenizer = self.pipeline.tokenizer
+        eos = tokenizer.eos_token
+        if self.last_reply_ids and self.last_reply_ids[-1] == tokenizer.eos_token_id and eos and tail.startswith(eos):
+            tail = tail[len(eos):]  # the reply's own end-of-sequence token already closes the turn
+        return self._encode(tail)
