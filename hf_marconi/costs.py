@@ -44,7 +44,8 @@ class LayerCost:
     """One part of a decoder layer.
 
     Attributes:
-        kind: "attention", "sliding_attention", "mamba1", "mamba2", "gated_delta_net", "short_conv", "mlp" or "moe".
+        kind: "attention" (incl. multi-head latent attention), "sliding_attention", "mamba1", "mamba2",
+            "gated_delta_net", "kimi_delta_attention", "short_conv", "mlp" or "moe".
         flops_per_token: FLOPs per new token that do not depend on the prefix (projections, recurrent update, MLP).
         flops_per_pair: FLOPs per (query, key) pair (attention only).
         window: key window of a sliding-window layer, else None.
@@ -185,6 +186,43 @@ def gated_delta_net(hidden: int, key_heads: int, value_heads: int, key_dim: int,
              + 7 * value_heads * key_dim * value_dim + 2 * values * hidden)
     return LayerCost("gated_delta_net", flops, conv_elements=conv_dim * conv_kernel,
                      recurrent_elements=value_heads * key_dim * value_dim)
+
+
+def mla_attention(hidden: int, heads: int, kv_lora_rank: int, qk_nope_dim: int, qk_rope_dim: int, v_dim: int,
+                  q_lora_rank: int | None = None) -> LayerCost:
+    """Multi-head latent attention (DeepSeek-V2 style, Kimi-Linear). The cache holds, per token, the compressed latent
+    (``kv_lora_rank``) and the shared rotary key (``qk_rope_dim``), one "head" each. Per token: the query projection
+    (direct or through ``q_lora_rank``), the latent projection, the latent's up-projection to per-head keys and values,
+    and the output projection; per (query, key) pair the scores over ``qk_nope_dim + qk_rope_dim`` and the weighted
+    sum over ``v_dim``, in every head.
+
+    transformers' torch path re-expands the whole cached latent every forward (a cost linear in the prefix length
+    that an absorbed-weight kernel avoids); it is not counted, so extending in pieces costs the same as at once."""
+    qk_dim = qk_nope_dim + qk_rope_dim
+    if q_lora_rank:
+        query = 2 * hidden * q_lora_rank + 2 * q_lora_rank * heads * qk_dim
+    else:
+        query = 2 * hidden * heads * qk_dim
+    latent = 2 * hidden * (kv_lora_rank + qk_rope_dim) + 2 * kv_lora_rank * heads * (qk_nope_dim + v_dim)
+    return LayerCost(
+        kind="attention",
+        flops_per_token=query + latent + 2 * heads * v_dim * hidden,
+        flops_per_pair=2 * heads * (qk_dim + v_dim),
+        kv_elements_per_token=kv_lora_rank + qk_rope_dim,
+    )
+
+
+def kimi_delta_attention(hidden: int, heads: int, head_dim: int, conv_kernel: int) -> LayerCost:
+    """Kimi delta attention (KDA). Per token: q, k, v projections, a depthwise short conv over each of them, the
+    low-rank forget gate (hidden -> head_dim -> heads * head_dim) and output gate (same shape), the per-head beta,
+    the delta-rule update of each head's head_dim x head_dim state with channel-wise decay (about 7 FLOPs per state
+    element, as the gated delta net) and the output projection."""
+    width = heads * head_dim
+    conv_dim = 3 * width
+    flops = (2 * hidden * conv_dim + 2 * conv_dim * conv_kernel + 2 * (2 * hidden * head_dim + 2 * head_dim * width)
+             + 2 * hidden * heads + 7 * heads * head_dim * head_dim + 2 * width * hidden)
+    return LayerCost("kimi_delta_attention", flops, conv_elements=conv_dim * conv_kernel,
+                     recurrent_elements=heads * head_dim * head_dim)
 
 
 def short_conv(hidden: int, cache_len: int) -> LayerCost:
@@ -356,6 +394,25 @@ def _lfm2(config: Any) -> list[LayerCost]:
     return out
 
 
+def _kimi_linear(config: Any) -> list[LayerCost]:
+    """Kimi-Linear: MLA full attention and KDA linear attention; dense MLP or MoE (with shared experts) per layer."""
+    hidden = config.hidden_size
+    out = []
+    for kind, mlp_kind in zip(config.layer_types, config.mlp_layer_types):
+        if kind == "full_attention":
+            out.append(mla_attention(hidden, config.num_attention_heads, config.kv_lora_rank, config.qk_nope_head_dim,
+                                     config.qk_rope_head_dim, config.v_head_dim, config.q_lora_rank))
+        else:
+            out.append(kimi_delta_attention(hidden, config.linear_num_heads, config.linear_head_dim,
+                                            config.linear_conv_kernel_dim))
+        if mlp_kind == "sparse":
+            out.append(moe(hidden, config.num_local_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                           config.moe_intermediate_size * config.n_shared_experts))
+        else:
+            out.append(mlp(hidden, config.intermediate_size))
+    return out
+
+
 def _mamba2_model(config: Any) -> list[LayerCost]:
     return [mamba2(config.hidden_size, config.num_heads, config.head_dim, config.n_groups, config.state_size,
                    config.conv_kernel) for _ in range(config.num_hidden_layers)]
@@ -373,6 +430,7 @@ FAMILY_LAYERS: dict[str, Callable[[Any], list[LayerCost]]] = {
     "qwen3_5_text": _gated_delta_family,
     "olmo_hybrid": _gated_delta_family,
     "lfm2": _lfm2,
+    "kimi_linear": _kimi_linear,
     "mamba2": _mamba2_model,
 }
 

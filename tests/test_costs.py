@@ -7,7 +7,7 @@ import pytest
 from hf_marconi.costs import PRESETS, CostModel, attention, mamba2, mlp, moe, preset
 
 FAMILIES = ["jamba", "bamba", "zamba2", "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "lfm2",
-            "olmo_hybrid", "qwen3_5", "llama", "mamba2"]
+            "olmo_hybrid", "qwen3_5", "kimi_linear", "llama", "mamba2"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,3 +97,13 @@ def test_unknown_family_and_dtype_fail_with_a_fix():
         CostModel.from_config(Config())
     with pytest.raises(ValueError, match="byte count"):
         CostModel((mlp(4, 8),), dtype="complex32")
+
+
+def test_mla_caches_the_latent_and_counts_full_head_pairs():
+    from hf_marconi.costs import kimi_delta_attention, mla_attention
+
+    layer = mla_attention(hidden=64, heads=4, kv_lora_rank=16, qk_nope_dim=8, qk_rope_dim=8, v_dim=16)
+    assert layer.kv_elements_per_token == 16 + 8  # one latent and one shared rotary key per token, not per head
+    assert layer.flops_per_pair == 2 * 4 * (8 + 8) + 2 * 4 * 16
+    kda = kimi_delta_attention(hidden=64, heads=4, head_dim=16, conv_kernel=4)
+    assert kda.conv_elements == 3 * 64 * 4 and kda.recurrent_elements == 4 * 16 * 16
