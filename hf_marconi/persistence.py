@@ -1,0 +1,297 @@
+"""Saving a MarconiCache's stored states to disk and loading them back, without pickle.
+
+One file: a safetensors file holding every stored tensor, whose header metadata carries a JSON manifest under the
+key ``"hf_marconi"``: the format name and version, the model config fingerprint, the cache's state layout and sizes,
+the tree (every node's tokens, parent, origin, recency, and the names of its tensors), and per tensor its dtype,
+shape and the SHA-256 of its bytes.
+
+Saving writes a temporary file next to the target and renames it over the target, so an exception while saving
+leaves either the old file or none, never a half-written one, and the store is only read. Loading checks
+everything (format, version, fingerprint, layout, sizes, every tensor's dtype, shape and checksum, the tree's
+structure) before a single entry enters the store: a file for another model or config, or a corrupted or truncated
+file, raises :class:`PersistenceError` and loads nothing.
+
+::
+
+    save_cache(cache, "prefixes.safetensors")
+    ...                                           # later, in another process, with the same model
+    cache = MarconiCache(model, capacity_bytes=...)
+    load_cache(cache, "prefixes.safetensors")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .cache import MarconiCache
+from .states import KVEdge, StateCheckpoint
+from .store import StoredEntry
+
+FORMAT_NAME = "hf_marconi.prefix_store"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "hf_marconi"
+
+
+class PersistenceError(ValueError):
+    """A saved cache cannot be loaded (other model, other format, corrupted or truncated file); nothing was loaded."""
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes in memory order (any dtype)."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weights_probe(model: torch.nn.Module, elements: int = 1024) -> str:
+    """A digest of the model's weights that is cheap for large models: every parameter's name, dtype, shape and its
+    first ``elements`` values. Two models with one config but other weights (another checkpoint, another seed) get
+    different probes, which the config fingerprint alone cannot tell apart."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(f"{name}:{_dtype_name(param.dtype)}:{list(param.shape)}".encode())
+        digest.update(_digest(param.detach().reshape(-1)[:elements].to("cpu")).encode())
+    return digest.hexdigest()[:16]
+
+
+def _layout_record(cache: MarconiCache) -> dict[str, Any]:
+    layout = cache.layout
+    return {
+        "kv_layers": list(layout.kv_layers),
+        "linear_layers": list(layout.linear_layers),
+        "window_layers": list(layout.window_layers),
+        "kv_bytes_per_token": cache.sizes.kv_bytes_per_token,
+        "checkpoint_bytes": cache.sizes.checkpoint_bytes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- save
+def save_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write every stored entry of ``cache`` to ``path`` atomically; returns the manifest written.
+
+    Waits for the call in flight (if any) so that the store does not change while it is read; the store itself is
+    never modified.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise PersistenceError(f"{target} is a directory; pass a file path such as {target / 'cache.safetensors'}")
+    with cache.call_lock:
+        entries = cache.store.entries()
+        tensors: dict[str, torch.Tensor] = {}
+        records = [_entry_record(i, entry, tensors) for i, entry in enumerate(entries)]
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": cache.fingerprint,
+        "weights_probe": weights_probe(cache.model),
+        "layout": _layout_record(cache),
+        "entries": records,
+        "tensors": {
+            name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": _digest(t)}
+            for name, t in tensors.items()
+        },
+    }
+    _write_atomically(target, tensors, json.dumps(manifest, separators=(",", ":")))
+    return manifest
+
+
+def _entry_record(index: int, entry: StoredEntry, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The manifest record of one entry; adds its tensors (contiguous CPU copies) to ``tensors``."""
+    edge = entry.edge
+    if not isinstance(edge, KVEdge):
+        raise PersistenceError(f"entry {index} holds a {type(edge).__name__} edge; only real KVEdge states can be saved")
+    edge_names = {}
+    for layer, (keys, values) in edge.kv.items():
+        for part, tensor in (("keys", keys), ("values", values)):
+            name = f"entry{index}.kv.{layer}.{part}"
+            tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            edge_names[f"{layer}.{part}"] = name
+    record: dict[str, Any] = {
+        "prefix_len": entry.prefix_len,
+        "key": list(entry.key),
+        "parent": entry.parent,
+        "origin": entry.origin,
+        "last_access": entry.last_access,
+        "edge": {"num_tokens": edge.num_tokens, "tensors": edge_names},
+        "checkpoint": None,
+    }
+    checkpoint = entry.checkpoint
+    if checkpoint is not None:
+        if not isinstance(checkpoint, StateCheckpoint):
+            raise PersistenceError(f"entry {index} holds a {type(checkpoint).__name__} checkpoint; cannot save it")
+        names = {}
+        for flat, tensor in checkpoint.tensors().items():
+            name = f"entry{index}.ckpt.{flat}"
+            tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            names[flat] = name
+        record["checkpoint"] = {
+            "tensors": names,
+            "window_lengths": {str(i): n for i, (_, _, n) in checkpoint.windows.items()},
+        }
+    return record
+
+
+def _write_atomically(target: Path, tensors: dict[str, torch.Tensor], manifest: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata={MANIFEST_KEY: manifest})
+        with open(temp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON manifest of a saved cache (format, fingerprint, layout, entries, tensor dtypes/shapes/checksums)."""
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            metadata = reader.metadata() or {}
+    except FileNotFoundError:
+        raise PersistenceError(f"no saved cache at {path}") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PersistenceError(f"{path} is not a readable safetensors file (corrupted or truncated?): {error}") from None
+    if MANIFEST_KEY not in metadata:
+        raise PersistenceError(f"{path} is a safetensors file without an hf_marconi manifest; save it with save_cache")
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+    except json.JSONDecodeError as error:
+        raise PersistenceError(f"the manifest of {path} is not valid JSON (corrupted file?): {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise PersistenceError(f"{path} holds no {FORMAT_NAME} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PersistenceError(
+            f"{path} was written in format version {manifest.get('format_version')!r}; this hf_marconi reads version "
+            f"{FORMAT_VERSION}: save the cache again with this version"
+        )
+    return manifest
+
+
+def load_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> int:
+    """Load the entries saved at ``path`` into ``cache``, whose store must be empty; returns the number of entries.
+
+    Raises :class:`PersistenceError` (nothing loaded) when the file was saved for another model or config, or is
+    corrupted or truncated.
+    """
+    manifest = read_manifest(path)
+    if manifest.get("fingerprint") != cache.fingerprint:
+        raise PersistenceError(
+            f"{path} was saved for a model whose config fingerprint is {manifest.get('fingerprint')!r}, but this "
+            f"cache's model has {cache.fingerprint!r}: stored states only fit the model (config) they came from"
+        )
+    if manifest.get("weights_probe") != weights_probe(cache.model):
+        raise PersistenceError(
+            f"{path} was saved for a model with other weights (weights probe {manifest.get('weights_probe')!r}, this "
+            f"model's is {weights_probe(cache.model)!r}): stored states only fit the weights they came from"
+        )
+    if manifest.get("layout") != _layout_record(cache):
+        raise PersistenceError(
+            f"{path} was saved with state layout {manifest.get('layout')}, this cache has {_layout_record(cache)} "
+            "(another dtype or model?)"
+        )
+    tensors = _read_tensors(path, manifest["tensors"])
+    devices = cache.layer_devices
+    storage = cache.storage_device
+    try:
+        entries = [_entry_from_record(record, tensors, devices, storage) for record in manifest["entries"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise PersistenceError(f"the manifest of {path} describes an invalid entry: {error!r}") from None
+    sizes = cache.sizes
+    for entry in entries:
+        checkpoint_bytes = entry.checkpoint.nbytes if entry.checkpoint is not None else sizes.checkpoint_bytes
+        if entry.edge.nbytes != len(entry.key) * sizes.kv_bytes_per_token or checkpoint_bytes != sizes.checkpoint_bytes:
+            raise PersistenceError(
+                f"the entry of prefix_len {entry.prefix_len} in {path} does not have this model's state sizes {sizes}"
+            )
+    with cache.call_lock:
+        try:
+            cache.store.load_entries(entries)
+        except ValueError as error:
+            raise PersistenceError(f"{path} cannot be loaded into this cache: {error}") from None
+    return len(entries)
+
+
+def _read_tensors(path: str | os.PathLike[str], expected: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, checked against the manifest's dtype, shape and SHA-256."""
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            names = set(reader.keys())
+            if names != set(expected):
+                raise PersistenceError(
+                    f"{path} holds tensors {sorted(names ^ set(expected))[:5]} that differ from its manifest"
+                )
+            for name, facts in expected.items():
+                tensor = reader.get_tensor(name)
+                if _dtype_name(tensor.dtype) != facts["dtype"] or list(tensor.shape) != facts["shape"]:
+                    raise PersistenceError(
+                        f"tensor {name} of {path} is {_dtype_name(tensor.dtype)} {list(tensor.shape)}, its manifest "
+                        f"says {facts['dtype']} {facts['shape']}"
+                    )
+                if _digest(tensor) != facts["sha256"]:
+                    raise PersistenceError(f"tensor {name} of {path} fails its SHA-256 check: the file is corrupted")
+                tensors[name] = tensor
+    except (SafetensorError, OSError) as error:
+        raise PersistenceError(f"{path} cannot be read (corrupted or truncated?): {error}") from None
+    return tensors
+
+
+def _entry_from_record(
+    record: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    devices: dict[int, torch.device],
+    storage: Any,
+) -> StoredEntry:
+    def placed(name: str, layer: int) -> torch.Tensor:
+        return tensors[name].to(storage if storage is not None else devices[layer])
+
+    edge_names = record["edge"]["tensors"]
+    kv = {}
+    for label in edge_names:
+        layer = int(label.split(".")[0])
+        kv[layer] = (placed(edge_names[f"{layer}.keys"], layer), placed(edge_names[f"{layer}.values"], layer))
+    edge = KVEdge(int(record["edge"]["num_tokens"]), kv)
+    for keys, values in kv.values():
+        if keys.shape[-2] != edge.num_tokens or values.shape[-2] != edge.num_tokens:
+            raise ValueError(f"edge tensors of prefix_len {record['prefix_len']} do not hold {edge.num_tokens} tokens")
+    checkpoint = None
+    if record["checkpoint"] is not None:
+        names = record["checkpoint"]["tensors"]
+        lengths = record["checkpoint"]["window_lengths"]
+        checkpoint = StateCheckpoint()
+        for flat, name in names.items():
+            kind, layer, part = flat.split(".")
+            if kind == "conv":
+                checkpoint.conv[(int(layer), int(part))] = placed(name, int(layer))
+            elif kind == "recurrent":
+                checkpoint.recurrent[(int(layer), int(part))] = placed(name, int(layer))
+            elif kind == "window" and part == "keys":
+                values = placed(names[f"window.{layer}.values"], int(layer))
+                checkpoint.windows[int(layer)] = (placed(name, int(layer)), values, int(lengths[layer]))
+            elif kind != "window":
+                raise ValueError(f"unknown checkpoint tensor {flat!r}")
+    return StoredEntry(
+        prefix_len=int(record["prefix_len"]),
+        key=tuple(int(t) for t in record["key"]),
+        parent=int(record["parent"]),
+        edge=edge,
+        checkpoint=checkpoint,
+        origin=record["origin"],
+        last_access=int(record["last_access"]),
+    )
