@@ -17,9 +17,9 @@ def add_measured_options(parser: argparse.ArgumentParser) -> None:
     """Options of the real-model TTFT replay (shared with ``python -m eval report``)."""
     add = parser.add_argument
     add("--measured-trace", default="tau", help="trace replayed with the real model (default: %(default)s)")
-    add("--measured-sessions", type=int, default=4,
+    add("--measured-sessions", type=int, default=8,
         help="build the measured trace from its first sessions (default: %(default)s)")
-    add("--measured-requests", type=int, default=28, help="replay at most this many requests (default: %(default)s)")
+    add("--measured-requests", type=int, default=40, help="replay at most this many requests (default: %(default)s)")
     add("--measured-max-input", type=int, default=2048,
         help="skip requests with longer inputs: the model runs on the CPU (default: %(default)s)")
     add("--measured-output-tokens", type=int, default=8,
