@@ -1,0 +1,150 @@
+"""MarconiPipeline: chat sessions reuse their own history through the cache, by the exact ids they generated."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import TextIteratorStreamer
+
+from hf_marconi import MarconiCache
+from hf_marconi.pipeline import SIMPLE_CHAT_TEMPLATE, MarconiPipeline, byte_level_tokenizer, gpt2_tokenizer
+from hf_marconi.testing import build_model, make_config
+
+DATA = Path(os.environ.get("HF_MARCONI_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+CAPACITY = 16 * 2**20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; many threads on a shared 2-core machine thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("bamba")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture
+def pipe(model, tokenizer):
+    return MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY, max_new_tokens=12)
+
+
+def test_byte_level_tokenizer_ids_are_bytes(tokenizer):
+    text = "héllo <|end|>"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == list(text.encode())
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.decode(list(text.encode())) == text
+
+
+def test_turn_two_reuses_turn_one_input_and_output_when_retokenizing_differs(pipe, tokenizer):
+    chat = pipe.chat(system="You answer in one line.")
+    reply = chat.send("Hello, how are you?")
+    turn1_prompt, turn1_reply = chat.last_prompt_ids, chat.last_reply_ids
+    # The case this feature exists for: the decoded reply does not encode back to the generated ids.
+    assert tokenizer(reply, add_special_tokens=False)["input_ids"] != turn1_reply
+    # A chat that re-tokenized its rendered text would diverge inside turn 1's reply and miss the stored state.
+    rendered = tokenizer.apply_chat_template(
+        chat.messages + [{"role": "user", "content": "Go on."}], tokenize=False, add_generation_prompt=True
+    )
+    retokenized = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert retokenized[: len(chat.token_ids)] != chat.token_ids
+
+    before = pipe.cache.stats()
+    chat.send("Go on.")
+    after = pipe.cache.stats()
+    # The model read turn 1's prompt and every reply token but the last (generate never feeds its last token).
+    fed = len(turn1_prompt) + len(turn1_reply) - 1
+    assert chat.last_prompt_ids[: len(turn1_prompt) + len(turn1_reply)] == turn1_prompt + turn1_reply
+    assert after["hits"] == before["hits"] + 1
+    assert after["hits_input_output"] == before["hits_input_output"] + 1
+    assert after["hit_tokens"] - before["hit_tokens"] == fed
+    assert pipe.cache.last_call.reused == fed
+    # Cached greedy generation equals uncached generation of the same ids.
+    assert chat.last_reply_ids == pipe.reference_ids(chat.last_prompt_ids)
+    pipe.cache.check_invariants()
+
+
+def test_reply_without_eos_keeps_every_generated_id(model, tokenizer):
+    pipe = MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY, max_new_tokens=5, eos_token_id=None)
+    chat = pipe.chat()
+    chat.send("abc")
+    assert len(chat.last_reply_ids) == 5
+    first = chat.token_ids
+    chat.send("def")
+    assert chat.last_prompt_ids[: len(first)] == first
+    assert pipe.cache.last_call.reused == len(first) - 1
+
+
+def test_streaming_by_iterator_and_callback_give_the_reply(pipe, tokenizer):
+    chat = pipe.chat()
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pieces: list[str] = []
+    result: dict[str, str] = {}
+    worker = threading.Thread(target=lambda: result.update(reply=chat.send("Stream this", streamer=streamer,
+                                                                          on_text=pieces.append)))
+    worker.start()
+    streamed = "".join(streamer)
+    worker.join(timeout=60)
+    assert result["reply"] == streamed == "".join(pieces)
+
+
+def test_text_generation_equals_uncached(pipe, tokenizer):
+    text = "Once upon a time"
+    out = pipe(text)
+    prompt = tokenizer(text)["input_ids"]
+    assert out == tokenizer.decode(pipe.reference_ids(prompt), skip_special_tokens=True)
+    pipe(text + " there")
+    assert pipe.cache.stats()["lookups"] == 2
+
+
+def test_from_transformers_pipeline(model, tokenizer):
+    hf_pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    pipe = MarconiPipeline.from_pipeline(hf_pipe, capacity_bytes=CAPACITY, max_new_tokens=4)
+    assert pipe.model is model and pipe.tokenizer is tokenizer
+    chat = pipe.chat()
+    chat.send("x")
+    chat.send("y")
+    assert pipe.cache.stats()["hits"] == 1
+
+
+def test_refusals(model, tokenizer):
+    with pytest.raises(ValueError, match="capacity_bytes"):
+        MarconiPipeline(model, tokenizer)
+    other = MarconiCache(build_model("bamba", seed=1), capacity_bytes=CAPACITY)
+    with pytest.raises(ValueError, match="another model"):
+        MarconiPipeline(model, tokenizer, cache=other)
+    plain = byte_level_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        MarconiPipeline(model, plain, capacity_bytes=CAPACITY).chat()
+
+
+@pytest.mark.skipif(not (DATA / "tokenizer_gpt2").is_dir(), reason=f"GPT-2 tokenizer files not found under {DATA}")
+def test_gpt2_tokenizer_chat_hits_previous_turn():
+    tokenizer = gpt2_tokenizer(str(DATA / "tokenizer_gpt2"), SIMPLE_CHAT_TEMPLATE)
+    config = make_config("bamba")
+    config.vocab_size = len(tokenizer)
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = transformers.BambaForCausalLM(config).eval()
+    pipe = MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY, max_new_tokens=8)
+    chat = pipe.chat(system="Be brief.")
+    chat.send("What is a prefix cache?")
+    fed = len(chat.last_prompt_ids) + len(chat.last_reply_ids) - 1
+    chat.send("And why keep token ids?")
+    assert pipe.cache.last_call.reused == fed
+    assert chat.last_reply_ids == pipe.reference_ids(chat.last_prompt_ids)
