@@ -195,15 +195,15 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> int:
             f"{path} was saved for a model whose config fingerprint is {manifest.get('fingerprint')!r}, but this "
             f"cache's model has {cache.fingerprint!r}: stored states only fit the model (config) they came from"
         )
-    if manifest.get("weights_probe") != weights_probe(cache.model):
-        raise PersistenceError(
-            f"{path} was saved for a model with other weights (weights probe {manifest.get('weights_probe')!r}, this "
-            f"model's is {weights_probe(cache.model)!r}): stored states only fit the weights they came from"
-        )
     if manifest.get("layout") != _layout_record(cache):
         raise PersistenceError(
             f"{path} was saved with state layout {manifest.get('layout')}, this cache has {_layout_record(cache)} "
             "(another dtype or model?)"
+        )
+    if manifest.get("weights_probe") != weights_probe(cache.model):
+        raise PersistenceError(
+            f"{path} was saved for a model with other weights (weights probe {manifest.get('weights_probe')!r}, this "
+            f"model's is {weights_probe(cache.model)!r}): stored states only fit the weights they came from"
         )
     tensors = _read_tensors(path, manifest["tensors"])
     devices = cache.layer_devices

@@ -1,0 +1,226 @@
+"""Saving and loading a MarconiCache: a hit after reload in a new process with the same output; refusals load nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from hf_marconi import MarconiCache
+from hf_marconi.cache import cache_argument
+from hf_marconi.persistence import FORMAT_VERSION, MANIFEST_KEY, PersistenceError, load_cache, read_manifest, save_cache
+from hf_marconi.testing import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+CAPACITY = 16 * 2**20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tokens(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, 250) for _ in range(n)]
+
+
+def _uncached(model, ids: list[int]) -> list[int]:
+    out = model.generate(torch.tensor([ids]), **{cache_argument(model): DynamicCache(config=model.config)}, **SETTINGS)
+    return out[0].tolist()
+
+
+def _warm(model, cache, seed: int = 0) -> list[int]:
+    """Two chat turns and a shared prefix; returns the history the next turn extends."""
+    rng = random.Random(seed)
+    history = _tokens(20, rng)
+    for _ in range(2):
+        history = model.generate(torch.tensor([history + _tokens(5, rng)]), past_key_values=cache, **SETTINGS)[0].tolist()
+    return history
+
+
+def _store_view(cache: MarconiCache) -> tuple:
+    return (frozenset(cache.store.tree.checkpointed_prefixes()), cache.store.nbytes)
+
+
+@pytest.fixture(scope="module")
+def bamba():
+    return build_model("bamba")
+
+
+@pytest.fixture(scope="module")
+def saved(bamba, tmp_path_factory):
+    """A warm cache saved to disk, the next prompt, and its output before saving."""
+    cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    history = _warm(bamba, cache)
+    path = tmp_path_factory.mktemp("saved") / "cache.safetensors"
+    manifest = save_cache(cache, path)
+    prompt = history + [7, 8, 9]
+    return path, manifest, prompt, _uncached(bamba, prompt), len(history) - 1
+
+
+_RELOAD = """
+import json, sys, torch
+torch.set_num_threads(1)
+from hf_marconi import MarconiCache
+from hf_marconi.persistence import load_cache
+from hf_marconi.testing import build_model
+path, prompt = sys.argv[1], json.loads(sys.argv[2])
+model = build_model("bamba")
+cache = MarconiCache(model, capacity_bytes=int(sys.argv[3]))
+loaded = load_cache(cache, path)
+cache.check_invariants()
+out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                     eos_token_id=None)
+print(json.dumps({"loaded": loaded, "reused": cache.last_call.reused, "hits": cache.stats()["hits"],
+                  "output": out[0].tolist()}))
+"""
+
+
+def test_reload_in_a_new_process_hits_and_gives_the_same_output(saved):
+    path, manifest, prompt, expected, history_fed = saved
+    done = subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(path), json.dumps(prompt), str(CAPACITY)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == len(manifest["entries"]) > 0
+    assert result["hits"] == 1 and result["reused"] == history_fed
+    assert result["output"] == expected
+
+
+def test_manifest_records_version_fingerprint_dtypes_shapes_checksums(saved, bamba):
+    path, manifest, *_ = saved
+    assert read_manifest(path) == manifest
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["fingerprint"] == MarconiCache(bamba, capacity_bytes=CAPACITY).fingerprint
+    tensors = load_file(str(path))
+    assert set(tensors) == set(manifest["tensors"])
+    for name, tensor in tensors.items():
+        facts = manifest["tensors"][name]
+        assert facts["dtype"] == "float32" and facts["shape"] == list(tensor.shape)
+        assert facts["sha256"] == hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("family", ["lfm2", "mamba2", "qwen3_next", "nemotron_h"])
+def test_round_trip_per_family(family, tmp_path):
+    model = build_model(family)
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    history = _warm(model, cache, seed=3)
+    save_cache(cache, tmp_path / "c.safetensors")
+    reloaded = MarconiCache(model, capacity_bytes=CAPACITY)
+    load_cache(reloaded, tmp_path / "c.safetensors")
+    assert _store_view(reloaded) == _store_view(cache)
+    prompt = history + [11, 12]
+    out = model.generate(torch.tensor([prompt]), past_key_values=reloaded, **SETTINGS)[0].tolist()
+    assert reloaded.last_call.reused == len(history) - 1
+    assert out == _uncached(model, prompt)
+
+
+def _rewrite_manifest(source: Path, target: Path, change) -> None:
+    manifest = read_manifest(source)
+    change(manifest)
+    save_file(load_file(str(source)), str(target), metadata={MANIFEST_KEY: json.dumps(manifest)})
+
+
+def _corrupt_tensor_byte(source: Path, target: Path) -> None:
+    data = bytearray(source.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor's data
+    target.write_bytes(bytes(data))
+
+
+def _corrupt_header(source: Path, target: Path) -> None:
+    data = bytearray(source.read_bytes())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    at = 8 + header_len // 2
+    data[at] = ord("}") if data[at] != ord("}") else ord("{")
+    target.write_bytes(bytes(data))
+
+
+BAD_FILES = {
+    "truncated": (lambda s, t: t.write_bytes(s.read_bytes()[: s.stat().st_size * 2 // 3]), "corrupted or truncated"),
+    "tensor byte flipped": (_corrupt_tensor_byte, "SHA-256"),
+    "header damaged": (_corrupt_header, "corrupted|truncated|JSON"),
+    "not safetensors": (lambda s, t: t.write_bytes(b"hello world, not a cache"), "corrupted or truncated"),
+    "future version": (lambda s, t: _rewrite_manifest(s, t, lambda m: m.update(format_version=99)), "version"),
+    "checksum edited": (
+        lambda s, t: _rewrite_manifest(s, t, lambda m: next(iter(m["tensors"].values())).update(sha256="0" * 64)),
+        "SHA-256",
+    ),
+    "tree edited": (lambda s, t: _rewrite_manifest(s, t, lambda m: m["entries"][-1].update(parent=99)), "parent"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_corrupted_files_raise_and_load_nothing(saved, bamba, tmp_path, kind):
+    path = saved[0]
+    damage, message = BAD_FILES[kind]
+    bad = tmp_path / "bad.safetensors"
+    damage(path, bad)
+    cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    with pytest.raises(PersistenceError, match=message):
+        load_cache(cache, bad)
+    assert cache.store.nbytes == 0 and not cache.store.entries()
+    cache.check_invariants()
+    load_cache(cache, path)  # the intact file still loads into the same cache
+    assert cache.store.nbytes > 0
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (lambda: build_model("bamba", seed=1), "other weights"),
+        (lambda: build_model("lfm2"), "fingerprint"),
+        (lambda: build_model("bamba", dtype=torch.float64), "fingerprint|layout"),
+    ],
+)
+def test_another_model_is_refused(saved, other, message):
+    cache = MarconiCache(other(), capacity_bytes=CAPACITY)
+    with pytest.raises(PersistenceError, match=message):
+        load_cache(cache, saved[0])
+    assert cache.store.nbytes == 0
+
+
+def test_refused_into_a_non_empty_or_too_small_store(saved, bamba):
+    path = saved[0]
+    busy = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    _warm(bamba, busy, seed=9)
+    before = _store_view(busy)
+    with pytest.raises(PersistenceError, match="empty"):
+        load_cache(busy, path)
+    assert _store_view(busy) == before
+    small = MarconiCache(bamba, capacity_bytes=1000)
+    with pytest.raises(PersistenceError, match="capacity"):
+        load_cache(small, path)
+    assert small.store.nbytes == 0
+
+
+def test_missing_file_and_directory_target(bamba, tmp_path):
+    cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    with pytest.raises(PersistenceError, match="no saved cache"):
+        load_cache(cache, tmp_path / "absent.safetensors")
+    with pytest.raises(PersistenceError, match="directory"):
+        save_cache(cache, tmp_path)
+
+
+def test_empty_store_round_trips(bamba, tmp_path):
+    cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    manifest = save_cache(cache, tmp_path / "empty.safetensors")
+    assert manifest["entries"] == []
+    fresh = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    assert load_cache(fresh, tmp_path / "empty.safetensors") == 0
