@@ -50,14 +50,26 @@ def test_marconi_alpha_zero_is_lru_and_large_alpha_keeps_the_flop_efficient_entr
         assert survivor in stored and newcomer in stored and len(stored) == 2
 
 
-def test_flop_efficiency_divides_by_the_nodes_own_bytes():
+def test_flop_efficiency_divides_by_the_bytes_eviction_frees():
     tree = RadixTree()
     parent = tree.add_leaf(tree.root, (1, 2, 3, 4), SimulatedEdge(4, 5), clock=0)
     tree.set_checkpoint(parent, SimulatedCheckpoint(7), "input_output", clock=0)
     child = tree.add_leaf(parent, (9, 9), SimulatedEdge(2, 5), clock=0)
     tree.set_checkpoint(child, SimulatedCheckpoint(7), "input_output", clock=0)
     costs = QuadraticCosts()
-    assert flop_efficiency(child, costs) == costs.extend_flops(4, 2) / (2 * 5 + 7)
+    assert flop_efficiency(child, costs) == costs.extend_flops(4, 2) / (2 * 5 + 7)  # a leaf frees its KV and checkpoint
+    assert flop_efficiency(parent, costs) == costs.extend_flops(0, 4) / 7  # its KV folds into the child: only 7 freed
+
+
+def test_flop_savings_skip_a_parent_without_checkpoint():
+    tree = RadixTree()
+    anchor = tree.add_leaf(tree.root, (1, 2), SimulatedEdge(2, 5), clock=0)
+    tree.set_checkpoint(anchor, SimulatedCheckpoint(7), "input_output", clock=0)
+    branch = tree.add_leaf(anchor, (3, 4, 5), SimulatedEdge(3, 5), clock=0)  # a branch point without a checkpoint
+    leaf = tree.add_leaf(branch, (6,), SimulatedEdge(1, 5), clock=0)
+    tree.set_checkpoint(leaf, SimulatedCheckpoint(7), "input_output", clock=0)
+    costs = QuadraticCosts()
+    assert flop_efficiency(leaf, costs) == costs.extend_flops(2, 4) / (5 + 7)  # a lookup would resume at 2, not 5
 
 
 def test_lru_refreshes_ancestors_but_marconi_only_the_reused_node():

@@ -9,26 +9,48 @@ from hf_marconi.policies.base import CostModel
 from hf_marconi.tree import Node
 
 
+def fallback_depth(node: Node) -> int:
+    """Prefix length a lookup would resume from if ``node``'s checkpoint were gone: that of the nearest ancestor holding
+    a checkpoint (0 at the root). A checkpoint-less parent (a branch node) cannot be resumed from."""
+    ancestor = node.parent
+    while ancestor is not None and ancestor.parent is not None and ancestor.checkpoint is None:
+        ancestor = ancestor.parent
+    return ancestor.depth if ancestor is not None else 0
+
+
+def bytes_freed_by_eviction(node: Node) -> int:
+    """What evicting ``node`` gives back, which is also what keeping it costs: a leaf's edge KV and checkpoint; only the
+    checkpoint of a single-child node, whose edge KV folds into its child and stays stored."""
+    if node.children:
+        return node.checkpoint.nbytes if node.checkpoint is not None else 0
+    return node.nbytes
+
+
 def flops_saved_over_parent(node: Node, costs: CostModel) -> float:
-    """FLOPs a hit on ``node`` saves beyond a hit on its parent: extending the parent's prefix to the node's."""
-    parent_depth = node.parent.depth if node.parent is not None else 0
-    return costs.extend_flops(parent_depth, node.depth - parent_depth)
+    """FLOPs a hit on ``node`` saves beyond the hit a lookup would get without it: extending the prefix of the nearest
+    checkpointed ancestor (the paper's "parent"; a checkpoint-less parent is skipped) to the node's."""
+    start = fallback_depth(node)
+    return costs.extend_flops(start, node.depth - start)
 
 
 def flop_efficiency(node: Node, costs: CostModel) -> float:
-    """FLOPs saved over the parent per byte the node itself holds (its edge's KV and its checkpoint).
+    """FLOPs saved over the parent per byte evicting the node frees (:func:`bytes_freed_by_eviction`).
 
-    The reference simulator divides by the KV of the whole prefix instead; the node's own bytes are what evicting it
-    gives back (all of them for a leaf) and what keeping it costs."""
-    return flops_saved_over_parent(node, costs) / max(node.nbytes, 1)
+    The reference simulator divides by the KV of the whole prefix instead. Dividing a single-child node's savings by
+    its edge KV too would count bytes its eviction does not free (that KV folds into the child and stays): the node
+    would look less efficient than it is, and a large alpha would pick it, freeing one checkpoint, where a leaf of
+    lower value per byte freed should go."""
+    return flops_saved_over_parent(node, costs) / max(bytes_freed_by_eviction(node), 1)
 
 
 def _cached_efficiency(node: Node, costs: CostModel) -> float:
-    """flop_efficiency memoised on the node (the tree clears the memo when the node's edge, checkpoint or parent
-    changes, the only inputs of the efficiency)."""
-    if node.score_cache is None:
-        node.score_cache = flop_efficiency(node, costs)
-    return node.score_cache  # type: ignore[return-value]
+    """flop_efficiency memoised on the node, keyed by its inputs that the tree does not track: the fallback depth and
+    whether the node is a leaf (the tree clears the memo when the node's edge, checkpoint or parent changes)."""
+    key = (fallback_depth(node), not node.children)
+    memo = node.score_cache
+    if memo is None or memo[0] != key:  # type: ignore[index]
+        memo = node.score_cache = (key, flop_efficiency(node, costs))
+    return memo[1]  # type: ignore[index]
 
 
 def _normalise(values: list[float]) -> list[float]:
