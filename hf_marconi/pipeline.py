@@ -78,6 +78,27 @@ def gpt2_tokenizer(directory: str, chat_template: str = SIMPLE_CHAT_TEMPLATE) ->
     return wrapped
 
 
+def load_model_and_tokenizer(
+    model_path: str | None = None, family: str = "bamba", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local model directory's model and tokenizer (offline), or, without a path, a tiny random model of
+    ``family`` from :mod:`hf_marconi.testing` with :func:`byte_level_tokenizer`. For examples and quick trials.
+
+    A local tokenizer without a chat template gets :data:`SIMPLE_CHAT_TEMPLATE`.
+    """
+    if model_path is None:
+        from .testing import build_model
+
+        return build_model(family, dtype=dtype), byte_level_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+    return model, tokenizer
+
+
 def _byte_stand_ins() -> dict[int, str]:
     """GPT-2's map from a byte to the printable character byte-level BPE writes it as."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
