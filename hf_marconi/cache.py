@@ -62,16 +62,18 @@ def _layer_devices(model: PreTrainedModel, num_layers: int) -> dict[int, torch.d
     return {idx: devices.get(idx, default) for idx in range(num_layers)}
 
 
-def _measure_sizes(model: PreTrainedModel, layout: StateLayout) -> StateSizes:
-    """Real bytes of one token of KV and of one checkpoint, from a one-token forward into a scratch cache."""
+def _probe(model: PreTrainedModel) -> tuple[StateLayout, StateSizes]:
+    """Which layers hold state, and the real bytes of one token of KV and of one checkpoint, from a one-token
+    forward into a scratch cache."""
     config = model.config.get_text_config(decoder=True)
     scratch = DynamicCache(config=config)
     token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
     with torch.no_grad():
         model(input_ids=token, use_cache=True, **{cache_argument(model): scratch})
+    layout = StateLayout.of(scratch, written_only=True)
     kv = layout.take_edge(scratch, 0, 1).nbytes if layout.kv_layers else 0
     checkpoint = layout.take_checkpoint(scratch).nbytes
-    return StateSizes(kv_bytes_per_token=kv, checkpoint_bytes=checkpoint)
+    return layout, StateSizes(kv_bytes_per_token=kv, checkpoint_bytes=checkpoint)
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -124,11 +126,10 @@ class MarconiCache(DynamicCache):
         self.fingerprint = config_fingerprint(self.config)
         self.storage_device = storage_device
         self.capture = capture
-        self.layout = StateLayout.of(self)
         self.layer_devices = _layer_devices(model, len(self.layers))
         self.uses_cache_params = cache_argument(model) == "cache_params"
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.sizes = _measure_sizes(model, self.layout)
+        self.layout, self.sizes = _probe(model)
         self.costs = CostModel.from_config(self.config, dtype=model.dtype, recurrent_dtype=model.dtype)
         if isinstance(policy, str):
             policy = make_policy(policy, **policy_options)

@@ -98,6 +98,12 @@ class StateCheckpoint:
         return named
 
 
+def _is_written(layer: object) -> bool:
+    if isinstance(layer, LinearAttentionCacheLayerMixin) and any(layer.has_previous_state.values()):
+        return True
+    return isinstance(layer, DynamicLayer) and layer.is_initialized
+
+
 @dataclass(frozen=True)
 class StateLayout:
     """Which layers of a cache hold per-token KV, linear-attention states, or a sliding window.
@@ -111,9 +117,13 @@ class StateLayout:
     window_layers: tuple[int, ...]
 
     @classmethod
-    def of(cls, cache: Cache) -> "StateLayout":
+    def of(cls, cache: Cache, written_only: bool = False) -> "StateLayout":
+        """The layout of ``cache``'s layers; with ``written_only``, only the layers a forward has written (some
+        transformers releases give layers that hold nothing, e.g. Nemotron-H's MLP blocks, a state layer)."""
         kv, linear, window = [], [], []
         for idx, layer in enumerate(cache.layers):
+            if written_only and not _is_written(layer):
+                continue
             if isinstance(layer, DynamicSlidingWindowLayer):
                 window.append(idx)
             elif isinstance(layer, DynamicLayer):
