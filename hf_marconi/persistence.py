@@ -3,7 +3,8 @@
 One file: a safetensors file holding every stored tensor, whose header metadata carries a JSON manifest under the
 key ``"hf_marconi"``: the format name and version, the model config fingerprint, the cache's state layout and sizes,
 the tree (every node's tokens, parent, origin, recency, and the names of its tensors), and per tensor its dtype,
-shape and the SHA-256 of its bytes.
+shape and the SHA-256 of its bytes; the manifest's own SHA-256 sits beside it (key ``"hf_marconi_sha256"``), so a
+damaged token id in the tree is caught as surely as a damaged tensor.
 
 Saving writes a temporary file next to the target and renames it over the target, so an exception while saving
 leaves either the old file or none, never a half-written one, and the store is only read. Loading checks
@@ -39,6 +40,7 @@ from .store import StoredEntry
 FORMAT_NAME = "hf_marconi.prefix_store"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "hf_marconi"
+MANIFEST_DIGEST_KEY = "hf_marconi_sha256"  # SHA-256 of the manifest text: the tree's tokens are covered too
 
 
 class PersistenceError(ValueError):
@@ -148,7 +150,8 @@ def _write_atomically(target: Path, tensors: dict[str, torch.Tensor], manifest: 
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, temp, metadata={MANIFEST_KEY: manifest})
+        digest = hashlib.sha256(manifest.encode()).hexdigest()
+        save_file(tensors, temp, metadata={MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: digest})
         with open(temp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temp, target)
@@ -169,6 +172,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise PersistenceError(f"{path} is not a readable safetensors file (corrupted or truncated?): {error}") from None
     if MANIFEST_KEY not in metadata:
         raise PersistenceError(f"{path} is a safetensors file without an hf_marconi manifest; save it with save_cache")
+    if hashlib.sha256(metadata[MANIFEST_KEY].encode()).hexdigest() != metadata.get(MANIFEST_DIGEST_KEY):
+        raise PersistenceError(f"the manifest of {path} fails its SHA-256 check: the file is corrupted")
     try:
         manifest = json.loads(metadata[MANIFEST_KEY])
     except json.JSONDecodeError as error:

@@ -18,7 +18,15 @@ from transformers import DynamicCache
 
 from hf_marconi import MarconiCache
 from hf_marconi.cache import cache_argument
-from hf_marconi.persistence import FORMAT_VERSION, MANIFEST_KEY, PersistenceError, load_cache, read_manifest, save_cache
+from hf_marconi.persistence import (
+    FORMAT_VERSION,
+    MANIFEST_DIGEST_KEY,
+    MANIFEST_KEY,
+    PersistenceError,
+    load_cache,
+    read_manifest,
+    save_cache,
+)
 from hf_marconi.testing import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,9 +141,21 @@ def test_round_trip_per_family(family, tmp_path):
 
 
 def _rewrite_manifest(source: Path, target: Path, change) -> None:
+    """Edit the manifest and write a file that is consistent apart from the edit (its digest recomputed)."""
     manifest = read_manifest(source)
     change(manifest)
-    save_file(load_file(str(source)), str(target), metadata={MANIFEST_KEY: json.dumps(manifest)})
+    text = json.dumps(manifest)
+    metadata = {MANIFEST_KEY: text, MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    save_file(load_file(str(source)), str(target), metadata=metadata)
+
+
+def _edit_token_in_place(source: Path, target: Path) -> None:
+    """Change one token id of the tree inside the header, keeping the file's structure valid."""
+    data = source.read_bytes()
+    marker = b'\\"key\\":['  # the manifest is a JSON string inside the safetensors header: its quotes are escaped
+    at = data.index(marker) + len(marker)
+    digit = data[at:at + 1]
+    target.write_bytes(data[:at] + (b"4" if digit != b"4" else b"5") + data[at + 1:])
 
 
 def _corrupt_tensor_byte(source: Path, target: Path) -> None:
@@ -163,6 +183,7 @@ BAD_FILES = {
         "SHA-256",
     ),
     "tree edited": (lambda s, t: _rewrite_manifest(s, t, lambda m: m["entries"][-1].update(parent=99)), "parent"),
+    "token id edited": (_edit_token_in_place, "manifest .* SHA-256"),
 }
 
 
