@@ -93,8 +93,8 @@ class Node:
         self.last_access = last_access  # logical clock, never wall time
         self.lock_ref = 0
         self.nbytes = edge.nbytes if edge is not None else 0  # its edge's KV and its checkpoint, kept by the tree
-        # A policy's memo of a score that depends only on this node's edge, checkpoint and parent; the tree resets it
-        # to None whenever one of them changes.
+        # A policy's memo of a score that depends only on this node's edge and checkpoint, on whether it has children,
+        # and on its nearest ancestor holding a checkpoint; the tree resets it to None whenever one of them changes.
         self.score_cache: object = None
 
     @property
@@ -208,6 +208,17 @@ class RadixTree:
         return nodes
 
     # ------------------------------------------------------------------------------------------- mutation
+    @staticmethod
+    def _reset_scores_below(node: Node) -> None:
+        """Clear the score memo of the descendants whose nearest checkpointed ancestor is ``node`` or lies above it:
+        those reached through checkpoint-less nodes (branch points, rare)."""
+        stack = list(node.children.values())
+        while stack:
+            below = stack.pop()
+            below.score_cache = None
+            if below.checkpoint is None:
+                stack.extend(below.children.values())
+
     def _update_thin(self, node: Node) -> None:
         if node.parent is not None and len(node.children) <= 1:
             self.thin[node.uid] = node
@@ -247,6 +258,7 @@ class RadixTree:
             raise ValueError("parent already has a child starting with this token; split it instead")
         leaf = Node(key, edge, parent, clock)
         parent.children[key[0]] = leaf
+        parent.score_cache = None
         self.nbytes += edge.nbytes
         self._update_thin(parent)
         self._update_thin(leaf)
@@ -262,6 +274,7 @@ class RadixTree:
         node.last_access = clock
         node.nbytes += checkpoint.nbytes
         node.score_cache = None
+        self._reset_scores_below(node)
         self.nbytes += checkpoint.nbytes
 
     def remove_leaf(self, node: Node) -> int:
@@ -271,6 +284,7 @@ class RadixTree:
         freed = node.nbytes
         parent = node.parent
         del parent.children[node.key[0]]
+        parent.score_cache = None
         self.thin.pop(node.uid, None)
         self.leaves.pop(node.uid, None)
         self._update_thin(parent)
@@ -292,6 +306,8 @@ class RadixTree:
         child.parent = parent
         child.nbytes += child.edge.nbytes - old_edge_bytes + node.edge.nbytes
         child.score_cache = None
+        if node.checkpoint is not None:
+            self._reset_scores_below(child)
         freed += old_edge_bytes - child.edge.nbytes
         parent.children[child.key[0]] = child
         self.thin.pop(node.uid, None)

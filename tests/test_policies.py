@@ -176,3 +176,23 @@ def test_heap_eviction_picks_the_same_victims_as_the_scan():
         store.check_invariants()
         finals.append((store.tree.checkpointed_prefixes(), store.stats().nodes_evicted))
     assert finals[0] == finals[1] and finals[0][1] > 0
+
+
+def test_efficiency_memo_follows_checkpoints_above_a_branch_point():
+    tree, costs, policy = RadixTree(), QuadraticCosts(), MarconiPolicy(alpha=1.0)
+    top = tree.add_leaf(tree.root, (1, 2), SimulatedEdge(2, 5), clock=0)
+    tree.set_checkpoint(top, SimulatedCheckpoint(7), "input_output", clock=0)
+    branch = tree.add_leaf(top, (3, 4), SimulatedEdge(2, 5), clock=0)  # no checkpoint, two children
+    leaves = [tree.add_leaf(branch, (k,), SimulatedEdge(1, 5), clock=k) for k in (5, 6)]
+    for leaf in leaves:
+        tree.set_checkpoint(leaf, SimulatedCheckpoint(7), "input_output", clock=0)
+
+    def memos_are_fresh():
+        policy.choose_victim(leaves, costs)  # fills the memos
+        return all(leaf.score_cache == flop_efficiency(leaf, costs) for leaf in leaves)
+
+    assert memos_are_fresh()
+    tree.merge_into_child(top)  # the leaves' fallback moves from prefix 2 to the root
+    assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()
+    tree.set_checkpoint(branch, SimulatedCheckpoint(7), "purely_input", clock=0)  # and now to the branch point
+    assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_marconi.policies import BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy
+from hf_marconi.policies import BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy, flop_efficiency
 from hf_marconi.store import PrefixStore, StateSizes
 from hf_marconi.tree import SimulatedCheckpoint
 from tests.test_tree import TokenEdge
@@ -175,6 +175,8 @@ def test_store_properties(requests, capacity, policy, history):
             admitted[tokens[:p]] = offered[p]
         assert store.nbytes <= capacity
         store.check_invariants()  # byte accounting, structure, capacity, locks
+        for node in store.tree.nodes():  # the tree cleared every memo whose inputs changed
+            assert node.score_cache is None or node.score_cache == flop_efficiency(node, QuadraticCosts())
         session = tokens
     stats = store.stats()
     assert stats.hit_tokens <= stats.input_tokens and stats.bytes == store.nbytes <= capacity

@@ -44,13 +44,11 @@ def flop_efficiency(node: Node, costs: CostModel) -> float:
 
 
 def _cached_efficiency(node: Node, costs: CostModel) -> float:
-    """flop_efficiency memoised on the node, keyed by its inputs that the tree does not track: the fallback depth and
-    whether the node is a leaf (the tree clears the memo when the node's edge, checkpoint or parent changes)."""
-    key = (fallback_depth(node), not node.children)
-    memo = node.score_cache
-    if memo is None or memo[0] != key:  # type: ignore[index]
-        memo = node.score_cache = (key, flop_efficiency(node, costs))
-    return memo[1]  # type: ignore[index]
+    """flop_efficiency memoised on the node (the tree clears the memo whenever an input of the efficiency changes: the
+    node's edge or checkpoint, whether it has children, its nearest checkpointed ancestor)."""
+    if node.score_cache is None:
+        node.score_cache = flop_efficiency(node, costs)
+    return node.score_cache  # type: ignore[return-value]
 
 
 def _normalise(values: list[float]) -> list[float]:
