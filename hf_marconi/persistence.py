@@ -229,6 +229,10 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> int:
             cache.store.load_entries(entries)
         except ValueError as error:
             raise PersistenceError(f"{path} cannot be loaded into this cache: {error}") from None
+        # Loaded states sit on the layers' devices; a TieredStorage on this cache spills what its fast tier cannot hold.
+        tiers = getattr(cache.store, "_hf_marconi_tiers", None)
+        if tiers is not None:
+            tiers.rebalance()
     return len(entries)
 
 

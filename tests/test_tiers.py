@@ -114,6 +114,21 @@ def test_evictions_across_tiers_keep_accounting(model):
     assert cache.stats()["nodes_evicted"] > 0
 
 
+def test_loading_a_saved_cache_spills_what_the_fast_tier_cannot_hold(model, tmp_path):
+    from hf_marconi.persistence import load_cache, save_cache
+
+    cache = MarconiCache(model, capacity_bytes=16 * 2**20)
+    rng = random.Random(4)
+    for _ in range(3):
+        model.generate(_tokens(20, rng), past_key_values=cache, **SETTINGS)
+    save_cache(cache, tmp_path / "c.safetensors")
+    tiered = MarconiCache(model, capacity_bytes=16 * 2**20)
+    tiers = TieredStorage(tiered, fast_capacity_bytes=cache.store.nbytes // 2, fast_device="cpu")
+    load_cache(tiered, tmp_path / "c.safetensors")
+    split = tiers.tier_bytes()
+    assert 0 < split["fast"] <= tiers.fast_capacity_bytes and split["fast"] + split["spill"] == cache.store.nbytes
+
+
 def test_refusals(model):
     cache = MarconiCache(model, capacity_bytes=1000)
     with pytest.raises(ValueError, match="fast_capacity_bytes"):
