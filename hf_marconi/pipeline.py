@@ -191,14 +191,15 @@ class MarconiPipeline:
         """Generate after ``prompt_ids`` through the cache; returns the new token ids.
 
         ``streamer`` (e.g. ``TextIteratorStreamer``) and ``on_text`` (called with each finished piece of text)
-        stream the reply as it is generated.
+        stream the reply as it is generated. Every id is attended to: the attention mask is passed explicitly, so
+        a generated id equal to the padding id is not taken for padding when a later turn feeds it back.
         """
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
         settings = dict(self.generate_defaults, **generate_kwargs)
         streamers = [s for s in (streamer, _CallbackStreamer(self.tokenizer, on_text) if on_text else None) if s]
         if streamers:
             settings["streamer"] = streamers[0] if len(streamers) == 1 else _Fanout(streamers)
-        output = self.model.generate(ids, past_key_values=self.cache, **settings)
+        output = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache, **settings)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return sequences[0, ids.shape[1]:].tolist()
 
@@ -226,7 +227,7 @@ class MarconiPipeline:
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
         settings = dict(self.generate_defaults, **generate_kwargs)
         settings[cache_argument(self.model)] = DynamicCache(config=self.model.config)
-        output = self.model.generate(ids, **settings)
+        output = self.model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return sequences[0, ids.shape[1]:].tolist()
 
