@@ -196,7 +196,8 @@ class MarconiPipeline:
         """
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
         settings = dict(self.generate_defaults, **generate_kwargs)
-        streamers = [s for s in (streamer, _CallbackStreamer(self.tokenizer, on_text) if on_text else None) if s]
+        streamers = [s for s in (streamer, _CallbackStreamer(self.tokenizer, on_text) if on_text else None)
+                     if s is not None]
         if streamers:
             settings["streamer"] = streamers[0] if len(streamers) == 1 else _Fanout(streamers)
         output = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache, **settings)
@@ -288,6 +289,6 @@ class ChatSession:
         tail = full[len(rendered_up_to_reply):]
         tokenizer = self.pipeline.tokenizer
         eos = tokenizer.eos_token
-        if self.last_reply_ids and self.last_reply_ids[-1] == tokenizer.eos_token_id and eos and tail.startswith(eos):
+        if self.token_ids[-1] == tokenizer.eos_token_id and eos and tail.startswith(eos):
             tail = tail[len(eos):]  # the reply's own end-of-sequence token already closes the turn
         return self._encode(tail)
