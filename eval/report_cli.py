@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Measure (or reuse) the prefill-latency profile, run the simulated sweep with modelled TTFT, measure "
             "TTFT with a real model through MarconiCache, draw the plots and write README.md into --out. The "
-            "defaults are the documented default sweep: all six traces (mooncake shortened, see --trace-sessions), "
+            "defaults are the documented default sweep: all six traces (bbh and mooncake shortened, see --trace-sessions), "
             "Marconi (paper and wide alpha grids, oracle where cheap), SGLang+, vLLM+ and no cache at 5%, 15% "
             "and 40% of each trace's footprint with the paper's 7B hybrid."
         ),

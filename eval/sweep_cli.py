@@ -8,7 +8,7 @@ from pathlib import Path
 from .sweep import DEFAULT_FRACTIONS, DEFAULT_TRACES, DEFAULT_VARIANTS, VARIANTS, SweepSpec
 
 # The default report's trace shortening: keeps the sweep under 30 minutes on a 2-core machine.
-DEFAULT_TRACE_SESSIONS = "mooncake=6000"
+DEFAULT_TRACE_SESSIONS = "bbh=2000,mooncake=3000"
 
 
 def _names(text: str) -> tuple[str, ...]:
