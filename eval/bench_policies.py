@@ -3,10 +3,13 @@
     python -m eval.bench_policies                       # 10, 20 and 40 GB, the paper's 7B hybrid, paper alpha grid
     python -m eval.bench_policies --grids paper wide    # Marconi tuned over both alpha grids
     python -m eval.bench_policies --capacities-gb 5 20 --workers 1
+    python -m eval.bench_policies --sessions-per-second 4 --mean-response-s 10   # other arrival settings
 
 Marconi runs with retrospective alpha tuning over the paper's grid (0, 0.1, ..., 2.0) and/or a wide logarithmic
-grid (0, 1/8, ..., 128). Runs are spread over worker processes; every run is deterministic, only the
-requests/s column depends on the machine.
+grid (0, 1/8, ..., 128), tuned once (``--retune`` tunes again after every window). Sessions start at
+``--sessions-per-second`` (default 1: all 100 sessions start within 100 s and most overlap, since one lasts about
+30 turns of ``--mean-response-s`` = 5 s), so about 100 long agent contexts compete for 10-40 GB. Runs are spread
+over worker processes; every run is deterministic, only the requests/s column depends on the machine.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +47,8 @@ def _execute(run: Run) -> tuple[Run, SimulationResult]:
     if run.label.startswith("marconi"):
         grid = GRIDS[run.label[len("marconi[") : -1]]
         policy = MarconiPolicy()
-        tuner = AlphaTuner(grid=grid, window_factor=_SETTINGS["window_factor"], objective=_SETTINGS["objective"])
+        tuner = AlphaTuner(grid=grid, window_factor=_SETTINGS["window_factor"], objective=_SETTINGS["objective"],
+                           retune=_SETTINGS["retune"])
     elif run.label == "sglang+":
         policy = LRUPolicy()
     else:
@@ -96,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="alpha grids to tune Marconi over, one Marconi run per grid")
     parser.add_argument("--window-factor", type=int, default=5, help="k in the tuning window W = k * N")
     parser.add_argument("--objective", default="token_hits", choices=["token_hits", "flops_saved"])
+    parser.add_argument("--retune", action="store_true", help="tune alpha again after every window, not once")
+    parser.add_argument("--sessions-per-second", type=float, default=1.0, help="session i starts at i / this")
+    parser.add_argument("--mean-response-s", type=float, default=5.0, help="mean agent response time between turns")
     parser.add_argument("--block-size", type=int, default=32, help="vLLM+ block size in tokens")
     parser.add_argument("--max-input-tokens", type=int, default=32768, help="sessions are cut at this input length")
     parser.add_argument("--max-sessions", type=int, default=None, help="use only the first runs of the data file")
@@ -110,15 +118,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     start = time.perf_counter()
     trace = build_trace("swebench", data_dir=args.data_dir, max_input_tokens=args.max_input_tokens,
-                        max_sessions=args.max_sessions)
+                        max_sessions=args.max_sessions, sessions_per_second=args.sessions_per_second,
+                        mean_response_s=args.mean_response_s)
     loaded = time.perf_counter() - start
     _TRACE[:] = trace
     _SETTINGS.update(preset=args.preset, window_factor=args.window_factor, objective=args.objective,
-                     block_size=args.block_size)
+                     block_size=args.block_size, retune=args.retune)
     costs = preset(args.preset)
     input_tokens = sum(len(r.input_ids) for r in trace)
     print(f"trace: swebench, {len(trace)} requests, {len({r.session_id for r in trace})} sessions, "
-          f"{input_tokens} input tokens (loaded in {loaded:.1f}s)")
+          f"{input_tokens} input tokens, {args.sessions_per_second:g} sessions/s, mean agent response "
+          f"{args.mean_response_s:g} s (loaded in {loaded:.1f}s)")
     print(f"model: {costs}")
 
     runs = plan_runs([int(gb * 1e9) for gb in args.capacities_gb], args.grids)
@@ -135,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                for r, res in results if res.tunings}
     for (label, cap), records in sorted(tunings.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"tuning {label} at {cap / 1e9:.1f}GB: (after request, window, alpha) {records}")
+    cpu = os.times()
     print(f"replays: {len(runs)} runs in {replay_wall:.1f}s on {args.workers} worker(s); "
-          f"total {time.perf_counter() - start:.1f}s")
+          f"total {time.perf_counter() - start:.1f}s, {cpu.user + cpu.children_user:.1f}s user CPU (workers included)")
     if args.json is not None:
         args.json.write_text(json.dumps([{"label": r.label, **res.asdict()} for r, res in results], indent=1))
 

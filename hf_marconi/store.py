@@ -336,19 +336,20 @@ class PrefixStore:
             evicted, freed = self._evict_until(self.capacity_bytes - needed)
             clock = self._clock
             attach = tree.walk_to(seq, [stored_end])[0] if stored_end > 0 else tree.root
+            node_at: dict[int, Node] = {}  # prefix length -> the node ending there, for every wanted position
             if new_edge is not None:  # a chain of new nodes, cut at the new checkpoints past the stored path
                 node, start, rest = attach, stored_end, new_edge
                 for cut in [p for p in wanted if p > stored_end][:-1]:
                     head, rest = rest.split(cut - start)
-                    node = tree.add_leaf(node, seq[start:cut], head, clock)
+                    node = node_at[cut] = tree.add_leaf(node, seq[start:cut], head, clock)
                     start = cut
-                tree.add_leaf(node, seq[start:end], rest, clock)
-            for pos, node in zip(wanted, tree.walk_to(seq, wanted)):
+                node_at[end] = tree.add_leaf(node, seq[start:end], rest, clock)
+            on_stored_path = [p for p in wanted if p not in node_at]  # may split stored edges, never the new chain
+            node_at.update(zip(on_stored_path, tree.walk_to(seq, on_stored_path)))
+            for pos in reversed(wanted):  # deepest first: a new checkpoint then clears only its next node's memo
                 origin = PURELY_INPUT if pos <= len(plan.input_ids) and pos < len(seq) else INPUT_OUTPUT
-                tree.set_checkpoint(node, checkpoints[pos], origin, clock)
-                node.last_access = clock
-            end_node = tree.walk_to(seq, [end])[0]
-            self.policy.touch_inserted(end_node.path(), clock)
+                tree.set_checkpoint(node_at[pos], checkpoints[pos], origin, clock)
+            self.policy.touch_inserted(node_at[end].path(), clock)
         finally:
             self._release(guard)
         stats = self._stats
