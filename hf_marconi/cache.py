@@ -187,6 +187,8 @@ class MarconiCache(DynamicCache):
         """Check a prompt before anything changes; returns it as a 2-D LongTensor."""
         if not isinstance(input_ids, torch.Tensor):
             raise MarconiCacheError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.device.type == "meta":
+            raise MarconiCacheError("input_ids is on the meta device and holds no token ids; pass a real tensor")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise MarconiCacheError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.dim() == 1:

@@ -209,12 +209,17 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
         input_ids = kwargs.pop("input_ids", None) if input_ids is None else input_ids
     input_ids = cache.validate_input_ids(input_ids)
     attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise MarconiCacheError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}; "
+            "they must match"
+        )
     with cache.call_lock:
-        if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
+        padded = _may_be_padded(model, input_ids, attention_mask, kwargs)
+        if input_ids.shape[0] != 1 or padded:
             warnings.warn(
                 "MarconiCache reuses and admits prefixes for batch size 1 without padding only; this call "
-                f"(batch {input_ids.shape[0]}, padded: {attention_mask is not None and not bool(attention_mask.all())}) "
-                "runs without reuse",
+                f"(batch {input_ids.shape[0]}, padded: {padded}) runs without reuse",
                 stacklevel=2,
             )
             cache.reset_live()
@@ -230,6 +235,20 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
             raise
         call.finish()
         return output
+
+
+def _may_be_padded(
+    model: "PreTrainedModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+) -> bool:
+    """Whether generate will mask some prompt positions: a mask with zeros, or no mask and a prompt holding the pad
+    token id, from which generate infers padding (a restored prefix would then disagree with the mask)."""
+    if attention_mask is not None:
+        return not bool(attention_mask.all())
+    config = kwargs.get("generation_config") or model.generation_config
+    pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+    if isinstance(pad, (list, tuple)):
+        return any(bool((input_ids == p).any()) for p in pad)
+    return pad is not None and bool((input_ids == int(pad)).any())
 
 
 def _run_generate(

@@ -32,6 +32,7 @@ returns None for those models and the caller falls back to two-pass capture.
 from __future__ import annotations
 
 import inspect
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -108,6 +109,7 @@ class BranchCapture:
     end: int
     positions: tuple[int, ...]
     checkpoints: dict[int, StateCheckpoint] = field(default_factory=dict)
+    thread: int = field(default_factory=threading.get_ident)  # only this thread's forward is split
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -118,6 +120,9 @@ class BranchCapture:
         """A mixer forward that runs ``forward`` segment by segment, copying the layer's states between segments."""
 
         def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+            # The mixer instance is shared: another thread's forward, or a forward on another cache, runs unsplit.
+            if threading.get_ident() != self.thread or not any(v is self.cache for v in (*args, *kwargs.values())):
+                return forward(*args, **kwargs)
             if args:
                 hidden_states, args = args[0], args[1:]
             else:
