@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 STYLE: dict[str, dict[str, Any]] = {
     "marconi": {"color": "tab:red", "marker": "o"},
@@ -61,8 +62,7 @@ def plot_vs_capacity(rows: Sequence[dict[str, Any]], metric: str, ylabel: str, t
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    _legend(fig, axes)
     fig.suptitle(f"{title} ({preset})")
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     return _save(fig, path)
@@ -83,12 +83,12 @@ def plot_ttft_cdf(rows: Sequence[dict[str, Any]], fraction: float, quantiles: Se
             style = {k: v for k, v in STYLE.get(policy, {}).items() if k != "marker"}
             ax.plot([1e3 * q for q in row["ttft_quantiles"]], [100 * q for q in quantiles], label=policy, **style)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on narrow log ranges
         ax.set_title(f"{trace}, {mine[0]['capacity_gb']:.1f} GB")
         ax.set_xlabel("modelled TTFT (ms, log)")
         ax.set_ylabel("requests (%)")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    _legend(fig, axes)
     fig.suptitle(f"Modelled TTFT, capacity {fraction:.0%} of the footprint ({preset})")
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     return _save(fig, path)
@@ -104,11 +104,21 @@ def plot_ttft_measured(ttfts: dict[str, Sequence[float]], title: str, path: str 
         patch.set_facecolor(STYLE.get(policy, {}).get("color", "white"))
         patch.set_alpha(0.5)
     ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("measured TTFT (ms, log)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _legend(fig: Any, axes: Sequence[Any]) -> None:
+    """One legend below the panels with every label any panel drew (a policy may be missing from some)."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=len(entries), frameon=False)
 
 
 def _save(fig: Any, path: str | Path) -> Path:

@@ -6,6 +6,7 @@
 - ``ttft_profile.json``: the prefill-latency profile (:mod:`eval.ttft`), reused when present;
 - ``ttft_measured.json``: the real-model replay (:mod:`eval.ttft_replay`);
 - ``hit_rate.png``, ``flops_saved.png``, ``ttft_modelled.png``, ``ttft_measured.png``;
+- ``run.json``: the command and the time each part took (kept when ``reuse`` only redraws);
 - ``README.md``: the report (command, settings, table, plots, TTFT tables, a reading against the paper).
 """
 
@@ -75,8 +76,15 @@ def build_report(spec: ReportSpec, out_dir: str | Path, show_progress: bool = Tr
 
     figures = write_plots(result, measured, out)
     timings["total"] = time.perf_counter() - started
+    run_record = out / "run.json"
+    command = spec.command
+    if spec.reuse and run_record.exists():  # keep the command and timings of the run that made the results
+        record = json.loads(run_record.read_text())
+        command, timings = record["command"], record["timings"]
+    else:
+        run_record.write_text(json.dumps({"command": command, "timings": timings}, indent=1) + "\n")
     readme = out / "README.md"
-    readme.write_text(render(result, profile, measured, figures, spec.command, timings))
+    readme.write_text(render(result, profile, measured, figures, command, timings))
     return readme
 
 
@@ -125,8 +133,7 @@ def render(result: dict[str, Any], profile: PrefillProfile, measured: dict | Non
     lines = ["# hf_marconi evaluation report", ""]
     lines += ["Produced by:", "", "```", command or "python -m eval report", "```", ""]
     lines += ["Run time on this machine: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-              + (" (sweep and measured TTFT reused from an earlier run)" if not command or "--reuse" in command
-                 else "") + ".", ""]
+              + " (the profile, when reused from its file, takes no time).", ""]
     lines += ["## Settings", ""]
     shortened = {t: spec["trace_max_sessions"].get(t, spec["max_sessions"]) for t in spec["traces"]}
     lines.append("- Traces: " + ", ".join(
