@@ -338,12 +338,14 @@ class PrefixStore:
             attach = tree.walk_to(seq, [stored_end])[0] if stored_end > 0 else tree.root
             node_at: dict[int, Node] = {}  # prefix length -> the node ending there, for every wanted position
             if new_edge is not None:  # a chain of new nodes, cut at the new checkpoints past the stored path
-                node, start, rest = attach, stored_end, new_edge
-                for cut in [p for p in wanted if p > stored_end][:-1]:
+                cuts = [stored_end] + [p for p in wanted if p > stored_end]
+                edges, rest = [], new_edge
+                for start, cut in zip(cuts[:-2], cuts[1:-1]):
                     head, rest = rest.split(cut - start)
-                    node = node_at[cut] = tree.add_leaf(node, seq[start:cut], head, clock)
-                    start = cut
-                node_at[end] = tree.add_leaf(node, seq[start:end], rest, clock)
+                    edges.append(head)
+                edges.append(rest)
+                keys = [seq[start:cut] for start, cut in zip(cuts[:-1], cuts[1:])]
+                node_at.update(zip(cuts[1:], tree.add_chain(attach, keys, edges, clock)))
             on_stored_path = [p for p in wanted if p not in node_at]  # may split stored edges, never the new chain
             node_at.update(zip(on_stored_path, tree.walk_to(seq, on_stored_path)))
             for pos in reversed(wanted):  # deepest first: a new checkpoint then clears only its next node's memo

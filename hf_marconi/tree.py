@@ -264,6 +264,30 @@ class RadixTree:
         self._update_thin(leaf)
         return leaf
 
+    def add_chain(self, parent: Node, keys: Sequence[tuple[int, ...]], edges: Sequence[EdgePayload],
+                  clock: int) -> list[Node]:
+        """Attach new nodes under ``parent``, each the only child of the one before (as repeated :meth:`add_leaf`
+        would, with the candidate pools updated once per node); returns them top down."""
+        if len(keys) != len(edges) or not keys:
+            raise ValueError(f"a chain needs one edge per key and at least one node, got {len(keys)} and {len(edges)}")
+        if any(not key for key in keys):
+            raise ValueError("every node of a chain needs at least one token")
+        if keys[0][0] in parent.children:
+            raise ValueError("parent already has a child starting with this token; split it instead")
+        nodes, node = [], parent
+        for key, edge in zip(keys, edges):
+            child = Node(key, edge, node, clock)
+            node.children[key[0]] = child
+            self.nbytes += edge.nbytes
+            nodes.append(child)
+            if node is not parent:
+                self.thin[node.uid] = node  # one child: a candidate for single-child eviction, not a leaf
+            node = child
+        parent.score_cache = None
+        self._update_thin(parent)
+        self._update_thin(node)
+        return nodes
+
     def set_checkpoint(self, node: Node, checkpoint: Payload, origin: str, clock: int) -> None:
         if node is self.root:
             raise ValueError("the root (empty prefix) cannot hold a checkpoint")

@@ -114,3 +114,18 @@ def test_merges_preserve_every_stored_prefix(seqs, data):
     for node in tree.nodes():  # every edge payload still holds exactly its key's tokens
         assert node.edge.tokens == node.key
     tree.check_invariants()
+
+
+def test_add_chain_matches_repeated_add_leaf():
+    chained, single = RadixTree(), RadixTree()
+    keys = [(1, 2), (3,), (4, 5, 6)]
+    nodes = chained.add_chain(chained.root, keys, [TokenEdge(k) for k in keys], clock=3)
+    node = single.root
+    for key in keys:
+        node = single.add_leaf(node, key, TokenEdge(key), clock=3)
+    for tree in (chained, single):
+        for n in tree.nodes():
+            tree.set_checkpoint(n, SimulatedCheckpoint(1), "input_output", clock=3)
+        tree.check_invariants()  # candidate pools, bytes, structure
+    assert [n.depth for n in nodes] == [2, 3, 6] and chained.nbytes == single.nbytes
+    assert [len(p) for p in (chained.thin, chained.leaves)] == [len(p) for p in (single.thin, single.leaves)]
