@@ -46,9 +46,14 @@ def _tokens(n: int, rng: random.Random) -> list[int]:
     return [rng.randrange(3, 250) for _ in range(n)]
 
 
+# Prompts extend earlier outputs, which may hold the pad id; an explicit mask keeps generate from inferring padding.
+def _generate(model, ids: list[int], **cache: object) -> list[int]:
+    prompt = torch.tensor([ids])
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache, **SETTINGS)[0].tolist()
+
+
 def _uncached(model, ids: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([ids]), **{cache_argument(model): DynamicCache(config=model.config)}, **SETTINGS)
-    return out[0].tolist()
+    return _generate(model, ids, **{cache_argument(model): DynamicCache(config=model.config)})
 
 
 def _warm(model, cache, seed: int = 0) -> list[int]:
@@ -56,7 +61,7 @@ def _warm(model, cache, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     history = _tokens(20, rng)
     for _ in range(2):
-        history = model.generate(torch.tensor([history + _tokens(5, rng)]), past_key_values=cache, **SETTINGS)[0].tolist()
+        history = _generate(model, history + _tokens(5, rng), past_key_values=cache)
     return history
 
 
@@ -91,8 +96,9 @@ model = build_model("bamba")
 cache = MarconiCache(model, capacity_bytes=int(sys.argv[3]))
 loaded = load_cache(cache, path)
 cache.check_invariants()
-out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=0,
-                     eos_token_id=None)
+ids = torch.tensor([prompt])
+out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                     do_sample=False, pad_token_id=0, eos_token_id=None)
 print(json.dumps({"loaded": loaded, "reused": cache.last_call.reused, "hits": cache.stats()["hits"],
                   "output": out[0].tolist()}))
 """
@@ -135,7 +141,7 @@ def test_round_trip_per_family(family, tmp_path):
     load_cache(reloaded, tmp_path / "c.safetensors")
     assert _store_view(reloaded) == _store_view(cache)
     prompt = history + [11, 12]
-    out = model.generate(torch.tensor([prompt]), past_key_values=reloaded, **SETTINGS)[0].tolist()
+    out = _generate(model, prompt, past_key_values=reloaded)
     assert reloaded.last_call.reused == len(history) - 1
     assert out == _uncached(model, prompt)
 
