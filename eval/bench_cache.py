@@ -72,7 +72,7 @@ def small_bamba(hidden: int, layers: int, vocab: int, seed: int) -> transformers
         num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1),
         attn_layer_indices=[i for i in range(layers) if i % 4 == 3],
         mamba_n_heads=hidden * 2 // 32, mamba_d_head=32, mamba_d_state=64, mamba_chunk_size=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=vocab - 1, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
     )
     torch.manual_seed(seed)
     return transformers.BambaForCausalLM(config).eval()
@@ -100,7 +100,9 @@ def chat_turns(trace: list[Request], sessions: int, max_input: int) -> dict[str,
 
 def timed_generate(model, prompt: torch.Tensor, cache, new_tokens: int) -> tuple[torch.Tensor, float]:
     clock = FirstTokenClock()
-    settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, streamer=clock)
+    # GPT-2's last id (<|endoftext|>) never occurs in the traces' text, so no prompt token is taken for padding.
+    pad = model.config.pad_token_id
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=None, streamer=clock)
     start = time.perf_counter()
     with torch.no_grad():
         output = model.generate(prompt, past_key_values=cache, **settings)
