@@ -100,3 +100,14 @@ def test_save_and_reload_across_processes(tmp_path):
     assert path.is_file() and "identical to uncached" in first
     second = run_example_in_new_process("save_and_reload.py", "--path", str(path), "--load-only", "--max-new-tokens", "4")
     assert restored_counts(second)[-1] > 0 and "identical to uncached" in second
+
+
+def test_local_model_path(tmp_path):
+    """--model-path loads a local model directory and its tokenizer offline (here a tiny model saved to disk)."""
+    from hf_marconi.pipeline import byte_level_tokenizer
+    from hf_marconi.testing import build_model
+
+    build_model("bamba").save_pretrained(tmp_path)
+    byte_level_tokenizer().save_pretrained(tmp_path)
+    output = run_example("chat.py", "--model-path", str(tmp_path), "--turns", "2", "--max-new-tokens", "4", "--check")
+    assert restored_counts(output)[1] > 0
