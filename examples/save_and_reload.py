@@ -72,7 +72,8 @@ def main() -> None:
         raise SystemExit("the loaded cache gave no hit")
     if reply_ids_after_load != pipe.reference_ids(chat.last_prompt_ids):
         raise SystemExit("the reply after loading differs from uncached generation")
-    print("reply identical to uncached generation:", repr(tokenizer.decode(reply_ids_after_load, skip_special_tokens=True)))
+    reply = tokenizer.decode(reply_ids_after_load, skip_special_tokens=True)
+    print("reply identical to uncached generation:", repr(reply))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def _entry_record(index: int, entry: StoredEntry, tensors: dict[str, torch.Tenso
     """The manifest record of one entry; adds its tensors (contiguous CPU copies) to ``tensors``."""
     edge = entry.edge
     if not isinstance(edge, KVEdge):
-        raise PersistenceError(f"entry {index} holds a {type(edge).__name__} edge; only real KVEdge states can be saved")
+        raise PersistenceError(
+            f"entry {index} holds a {type(edge).__name__} edge; only real KVEdge states can be saved"
+        )
     edge_names = {}
     for layer, (keys, values) in edge.kv.items():
         for part, tensor in (("keys", keys), ("values", values)):
@@ -169,7 +171,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise PersistenceError(f"no saved cache at {path}") from None
     except (SafetensorError, OSError, ValueError) as error:
-        raise PersistenceError(f"{path} is not a readable safetensors file (corrupted or truncated?): {error}") from None
+        raise PersistenceError(
+            f"{path} is not a readable safetensors file (corrupted or truncated?): {error}"
+        ) from None
     if MANIFEST_KEY not in metadata:
         raise PersistenceError(f"{path} is a safetensors file without an hf_marconi manifest; save it with save_cache")
     if hashlib.sha256(metadata[MANIFEST_KEY].encode()).hexdigest() != metadata.get(MANIFEST_DIGEST_KEY):

@@ -98,7 +98,8 @@ def test_save_and_reload_across_processes(tmp_path):
     path = tmp_path / "cache.safetensors"
     first = run_example("save_and_reload.py", "--path", str(path), "--max-new-tokens", "4")
     assert path.is_file() and "identical to uncached" in first
-    second = run_example_in_new_process("save_and_reload.py", "--path", str(path), "--load-only", "--max-new-tokens", "4")
+    second = run_example_in_new_process("save_and_reload.py", "--path", str(path), "--load-only",
+                                        "--max-new-tokens", "4")
     assert restored_counts(second)[-1] > 0 and "identical to uncached" in second
 
 

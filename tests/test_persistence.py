@@ -1,4 +1,5 @@
-"""Saving and loading a MarconiCache: a hit after reload in a new process with the same output; refusals load nothing."""
+"""Saving and loading a MarconiCache: a hit after reload in a new process with the same output; refused files load
+nothing."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ import gc
 import os
 import random
 import threading
-from pathlib import Path
 from typing import Sequence
 
 import pytest
