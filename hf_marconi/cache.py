@@ -196,7 +196,9 @@ class MarconiCache(DynamicCache):
         if input_ids.dim() != 2:
             raise MarconiCacheError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise MarconiCacheError(f"the prompt is empty (input_ids shape {tuple(input_ids.shape)}); pass at least one token")
+            raise MarconiCacheError(
+                f"the prompt is empty (input_ids shape {tuple(input_ids.shape)}); pass at least one token"
+            )
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.vocab_size:
             raise MarconiCacheError(
@@ -213,7 +215,8 @@ class MarconiCache(DynamicCache):
         self.store.check_invariants()
 
     def __repr__(self) -> str:
-        return f"MarconiCache(model={type(self.model).__name__}, store={self.store.nbytes} bytes, layers={len(self.layers)})"
+        model = type(self.model).__name__
+        return f"MarconiCache(model={model}, store={self.store.nbytes} bytes, layers={len(self.layers)})"
 
     # ------------------------------------------------------- manual forwards
     @contextmanager

@@ -223,6 +223,10 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
                 stacklevel=2,
             )
             cache.reset_live()
+            if cache.uses_cache_params:
+                kwargs = dict(kwargs)
+                kwargs.pop("past_key_values", None)
+                kwargs["cache_params"] = cache
             try:
                 return original(input_ids, *args, **kwargs)
             finally:

@@ -63,8 +63,9 @@ class KVEdge:
         return KVEdge(offset, head), KVEdge(self.num_tokens - offset, tail)
 
     def concat(self, tail: "KVEdge") -> "KVEdge":
+        # The tail may live on another tier (a spilled edge on CPU): the merged edge stays where ``self`` is.
         merged = {
-            i: (torch.cat([k, tail.kv[i][0]], dim=-2), torch.cat([v, tail.kv[i][1]], dim=-2))
+            i: (torch.cat([k, tail.kv[i][0].to(k.device)], dim=-2), torch.cat([v, tail.kv[i][1].to(v.device)], dim=-2))
             for i, (k, v) in self.kv.items()
         }
         return KVEdge(self.num_tokens + tail.num_tokens, merged)
