@@ -15,7 +15,7 @@ from hf_marconi.policies import (
     make_policy,
     oracle_alpha,
 )
-from hf_marconi.store import PrefixStore, StateSizes
+from hf_marconi.store import PrefixStore
 from hf_marconi.tree import RadixTree, SimulatedCheckpoint, SimulatedEdge
 from tests.test_store import SIZES, QuadraticCosts, run
 

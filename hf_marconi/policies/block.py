@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
-from hf_marconi.policies.base import CostModel
-from hf_marconi.policies.lru import least_recent, recency_priority, refresh_all
-from hf_marconi.tree import Node
+from hf_marconi.policies.lru import LRUEviction
 
 
 @dataclass
-class BlockPolicy:
+class BlockPolicy(LRUEviction):
     """vLLM+ of the Marconi paper: recurrent states checkpointed at every ``block_size``-token boundary, so any
     block-aligned prefix can be resumed; tokens past the last full block are not kept (as vLLM caches full blocks only).
     Eviction takes the least recently used leaf; every node on an accessed path is refreshed."""
@@ -38,15 +35,3 @@ class BlockPolicy:
     def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
         return self._boundaries(input_len - 1, total_len)
 
-    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
-        refresh_all(path, clock)
-
-    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
-        refresh_all(path, clock)
-
-
-    def priority(self, node: Node) -> tuple[int, int]:
-        return recency_priority(node)
-
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
-        return least_recent(candidates)

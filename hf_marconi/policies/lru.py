@@ -22,7 +22,24 @@ def least_recent(candidates: Sequence[Node]) -> Node:
     return min(candidates, key=recency_priority)
 
 
-class LRUPolicy:
+class LRUEviction:
+    """The classic radix-cache eviction shared by SGLang+ and vLLM+: every node on an accessed path is refreshed, and
+    the least recently used leaf goes first."""
+
+    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
+        refresh_all(path, clock)
+
+    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
+        refresh_all(path, clock)
+
+    def priority(self, node: Node) -> tuple[int, int]:
+        return recency_priority(node)
+
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+        return least_recent(candidates)
+
+
+class LRUPolicy(LRUEviction):
     """SGLang+ of the Marconi paper: a checkpoint at the branch point and at the end of each sequence (at most two per
     request), eviction of the least recently used leaf, every node on an accessed path refreshed."""
 
@@ -38,15 +55,3 @@ class LRUPolicy:
     def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
         return (total_len,)
 
-    def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
-        refresh_all(path, clock)
-
-    def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
-        refresh_all(path, clock)
-
-
-    def priority(self, node: Node) -> tuple[int, int]:
-        return recency_priority(node)
-
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
-        return least_recent(candidates)
