@@ -54,16 +54,6 @@ ALL_FAMILY_PARAMS = skip_unless_available(ALL_FAMILIES)
 RECURRENT_FAMILY_PARAMS = skip_unless_available(RECURRENT_FAMILIES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: the zoo's tensors are tiny, and a second thread waiting on a busy 2-core CI machine
-    makes these tests ~8x slower. Restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     return ((reference - candidate).abs().max() / reference.abs().max()).item()
 

@@ -15,19 +15,8 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import pytest
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_example(name: str, *args: str, stdin: str = "") -> str:

@@ -60,15 +60,6 @@ DELTA_CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a loaded CI machine, more threads spin and take minutes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _forward(model, family: str, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Logits of a forward over ``ids`` at positions ``start..``, continuing ``cache``."""
     spec = family_spec(family)

@@ -35,14 +35,6 @@ SETTINGS = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=
 CAPACITY = 16 * 2**20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tokens(n: int, rng: random.Random) -> list[int]:
     return [rng.randrange(3, 250) for _ in range(n)]
 

@@ -19,15 +19,6 @@ DATA = Path(os.environ.get("HF_MARCONI_DATA", Path(__file__).resolve().parents[1
 CAPACITY = 16 * 2**20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; many threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model("bamba")

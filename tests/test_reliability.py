@@ -40,14 +40,6 @@ VOCAB = 256
 SETTINGS = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bamba():
     return build_model("bamba")

@@ -20,14 +20,6 @@ from hf_marconi.testing import build_model
 SETTINGS = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model("bamba")
