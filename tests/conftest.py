@@ -12,3 +12,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def skip_unless_available(families):
+    """Zoo families as pytest params, skipped with a reason where the installed transformers lacks them."""
+    import transformers
+
+    from hf_marconi.testing import is_available
+
+    return [
+        pytest.param(family, marks=pytest.mark.skipif(
+            not is_available(family), reason=f"transformers {transformers.__version__} does not ship {family}"
+        ))
+        for family in families
+    ]

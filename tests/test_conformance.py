@@ -27,27 +27,17 @@ import inspect
 
 import pytest
 import torch
-import transformers
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+from conftest import skip_unless_available
 from hf_marconi.fixes import apply_fixes
-from hf_marconi.testing import ALL_FAMILIES, build_model, family_spec, is_available
+from hf_marconi.testing import ALL_FAMILIES, build_model, family_spec
 
 FLOAT64_RTOL = 1e-9
 FLOAT32_RTOL = 5e-5
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 RECURRENT_FAMILIES = [family for family in ALL_FAMILIES if family_spec(family).recurrent_kind is not None]
-
-
-def skip_unless_available(families):
-    """Families as pytest params, skipped with a reason where the installed transformers lacks them."""
-    return [
-        pytest.param(family, marks=pytest.mark.skipif(
-            not is_available(family), reason=f"transformers {transformers.__version__} does not ship {family}"
-        ))
-        for family in families
-    ]
 
 
 ALL_FAMILY_PARAMS = skip_unless_available(ALL_FAMILIES)

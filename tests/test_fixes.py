@@ -2,25 +2,15 @@
 
 import pytest
 import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packaging.version import Version
 from transformers import GPT2Config
 
+from conftest import skip_unless_available
 from hf_marconi.fixes import SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_fixes, check_supported, registry
 from hf_marconi.fixes.mamba1 import mamba1_initial_state_correction
-from hf_marconi.testing import ALL_FAMILIES, build_model, is_available, make_config
-
-
-def skip_unless_available(families):
-    """Families as pytest params, skipped with a reason where the installed transformers lacks them."""
-    return [
-        pytest.param(family, marks=pytest.mark.skipif(
-            not is_available(family), reason=f"transformers {transformers.__version__} does not ship {family}"
-        ))
-        for family in families
-    ]
+from hf_marconi.testing import ALL_FAMILIES, build_model, make_config
 
 
 ALL_FAMILY_PARAMS = skip_unless_available(ALL_FAMILIES)

@@ -2,29 +2,19 @@
 
 import pytest
 import torch
-import transformers
 from packaging.version import Version
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
+from conftest import skip_unless_available
 from hf_marconi.fixes import registry
 from hf_marconi.testing import (
-    ALL_FAMILIES, FAMILIES, build_model, family_spec, is_available, is_supported, make_config,
+    ALL_FAMILIES, FAMILIES, build_model, family_spec, is_supported, make_config,
 )
 
 # Families with only one kind of layer: the controls.
 PURE_ATTENTION = {"llama"}
 PURE_RECURRENT = {"mamba2"}
-
-
-def skip_unless_available(families):
-    """Families as pytest params, skipped with a reason where the installed transformers lacks them."""
-    return [
-        pytest.param(family, marks=pytest.mark.skipif(
-            not is_available(family), reason=f"transformers {transformers.__version__} does not ship {family}"
-        ))
-        for family in families
-    ]
 
 
 ALL_FAMILY_PARAMS = skip_unless_available(ALL_FAMILIES)
