@@ -8,7 +8,6 @@ it was (``PrefixCall.abort`` only releases the lookup's lock).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import time
 import warnings
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .kernels.single_pass import single_pass_prefill
+from .kernels.single_pass import prefill_kwargs, single_pass_prefill
 from .states import StateCheckpoint
 
 if TYPE_CHECKING:
@@ -142,25 +141,21 @@ class PrefixCall:
         logger.debug("MarconiCache admitted %s in %.3f ms", result, self.timings.admit_s * 1e3)
 
 
-def _accepts(model: "PreTrainedModel", name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
 def _prefill(cache: "MarconiCache", chunk: torch.Tensor, start: int) -> None:
-    """Feed ``chunk`` (shape [1, L]) at positions ``start .. start+L-1`` into the live cache.
-
-    Positions are passed explicitly: some models (Bamba in transformers 5.x) default them to ``arange(L)``,
-    ignoring the cache.
-    """
-    model = cache.model
-    kwargs: dict[str, Any] = {"use_cache": True}
-    kwargs["cache_params" if cache.uses_cache_params else "past_key_values"] = cache
-    if _accepts(model, "position_ids") and not cache.uses_cache_params:
-        kwargs["position_ids"] = torch.arange(start, start + chunk.shape[1], device=chunk.device).unsqueeze(0)
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
+    """Feed ``chunk`` (shape [1, L]) at positions ``start .. start+L-1`` into the live cache."""
+    chunk = chunk.to(cache.model.device)
     with torch.no_grad():
-        model(input_ids=chunk.to(model.device), **kwargs)
+        cache.model(input_ids=chunk, **prefill_kwargs(cache, start, start + chunk.shape[1], chunk.device))
+
+
+def _with_cache(cache: "MarconiCache", kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the cache under the keyword the model takes it by (pure Mamba models: ``cache_params``)."""
+    if not cache.uses_cache_params:
+        return kwargs
+    kwargs = dict(kwargs)
+    kwargs.pop("past_key_values", None)
+    kwargs["cache_params"] = cache
+    return kwargs
 
 
 def _find_cache(kwargs: dict[str, Any]) -> Any:
@@ -223,12 +218,8 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
                 stacklevel=2,
             )
             cache.reset_live()
-            if cache.uses_cache_params:
-                kwargs = dict(kwargs)
-                kwargs.pop("past_key_values", None)
-                kwargs["cache_params"] = cache
             try:
-                return original(input_ids, *args, **kwargs)
+                return original(input_ids, *args, **_with_cache(cache, kwargs))
             finally:
                 cache.reset_live()
         call = PrefixCall.begin(cache, input_ids)
@@ -269,9 +260,7 @@ def _run_generate(
         return original(input_ids, *args, **kwargs)
     # Pure Mamba models take the cache as `cache_params` and generate never asks it for its length: feed the suffix
     # ourselves and put the prefix back in front of the returned sequences.
-    kwargs = dict(kwargs)
-    kwargs.pop("past_key_values", None)
-    kwargs["cache_params"] = cache
+    kwargs = _with_cache(cache, kwargs)
     if kwargs.get("attention_mask") is not None:
         kwargs["attention_mask"] = kwargs["attention_mask"][:, prefilled:]
     output = original(input_ids[:, prefilled:], *args, **kwargs)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from ..states import DeviceSpec, StateCheckpoint, StateLayout
+from ..states import DeviceSpec, StateCheckpoint, StateLayout, map_payload
 
 if TYPE_CHECKING:
     from ..cache import MarconiCache
@@ -187,8 +187,20 @@ def capture_branch_states(
                 mixer.forward = previous
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+def prefill_kwargs(cache: "MarconiCache", start: int, end: int, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of a forward that feeds positions ``start .. end-1`` into the live ``cache``.
+
+    Positions are passed explicitly where the model takes them: some models (Bamba in transformers 5.x) default them
+    to ``arange(L)``, ignoring the cache. Only the last position's logits are computed.
+    """
+    parameters = inspect.signature(cache.model.forward).parameters
+    kwargs: dict[str, Any] = {"use_cache": True}
+    kwargs["cache_params" if cache.uses_cache_params else "past_key_values"] = cache
+    if "position_ids" in parameters and not cache.uses_cache_params:
+        kwargs["position_ids"] = torch.arange(start, end, device=device).unsqueeze(0)
+    if "logits_to_keep" in parameters:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
 
 
 def single_pass_prefill(
@@ -209,15 +221,8 @@ def single_pass_prefill(
         return None
     end = input_ids.shape[1]
     chunk = input_ids[:, start:].to(model.device)
-    kwargs: dict[str, Any] = {"use_cache": True}
-    kwargs["cache_params" if cache.uses_cache_params else "past_key_values"] = cache
-    # Explicit positions: some models (Bamba) default them to arange(L), ignoring the cache.
-    if _accepts(model, "position_ids") and not cache.uses_cache_params:
-        kwargs["position_ids"] = torch.arange(start, end, device=chunk.device).unsqueeze(0)
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
     with torch.no_grad(), capture_branch_states(model, cache, start, end, positions) as capture:
-        model(input_ids=chunk, **kwargs)
+        model(input_ids=chunk, **prefill_kwargs(cache, start, end, chunk.device))
     checkpoints = {p: _moved(checkpoint, cache.storage_device) for p, checkpoint in capture.checkpoints.items()}
     if end in capture.positions:
         checkpoints[end] = cache.layout.take_checkpoint(cache, cache.storage_device)
@@ -229,7 +234,4 @@ def _moved(checkpoint: StateCheckpoint, device: DeviceSpec) -> StateCheckpoint:
     if device is None:
         return checkpoint
     target = torch.device(device)
-    return StateCheckpoint(
-        conv={key: t.to(target) for key, t in checkpoint.conv.items()},
-        recurrent={key: t.to(target) for key, t in checkpoint.recurrent.items()},
-    )
+    return map_payload(checkpoint, lambda t: t.to(target))
