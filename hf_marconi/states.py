@@ -15,6 +15,7 @@ copies out of the tree, so a model writing into its live cache can never change 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers.cache_utils import (
@@ -31,7 +32,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _copy_to(tensor: torch.Tensor, device: DeviceSpec) -> torch.Tensor:
+def copy_to(tensor: torch.Tensor, device: DeviceSpec) -> torch.Tensor:
     """A contiguous copy of ``tensor`` on ``device`` (its own device when None); never a view of the input."""
     target = tensor.device if device is None else torch.device(device)
     if target == tensor.device:
@@ -105,6 +106,19 @@ def _is_written(layer: object) -> bool:
     return isinstance(layer, DynamicLayer) and layer.is_initialized
 
 
+def map_payload(payload: KVEdge | StateCheckpoint, copy: Callable[[torch.Tensor], torch.Tensor]):
+    """The same payload with every tensor replaced by ``copy(tensor)`` (token counts, keys and window lengths kept)."""
+    if isinstance(payload, KVEdge):
+        return KVEdge(payload.num_tokens, {i: (copy(k), copy(v)) for i, (k, v) in payload.kv.items()})
+    if isinstance(payload, StateCheckpoint):
+        return StateCheckpoint(
+            conv={key: copy(t) for key, t in payload.conv.items()},
+            recurrent={key: copy(t) for key, t in payload.recurrent.items()},
+            windows={i: (copy(k), copy(v), length) for i, (k, v, length) in payload.windows.items()},
+        )
+    raise TypeError(f"cannot move a {type(payload).__name__}: expected a StateCheckpoint or a KVEdge")
+
+
 @dataclass(frozen=True)
 class StateLayout:
     """Which layers of a cache hold per-token KV, linear-attention states, or a sliding window.
@@ -153,8 +167,8 @@ class StateLayout:
             if layer.get_seq_length() < end:
                 raise ValueError(f"layer {idx} holds {layer.get_seq_length()} tokens, fewer than the {end} asked for")
             kv[idx] = (
-                _copy_to(layer.keys[:1, :, start:end], device),
-                _copy_to(layer.values[:1, :, start:end], device),
+                copy_to(layer.keys[:1, :, start:end], device),
+                copy_to(layer.values[:1, :, start:end], device),
             )
         return KVEdge(end - start, kv)
 
@@ -169,14 +183,14 @@ class StateLayout:
                         f"layer {idx} state {state_idx} has not been written yet: a checkpoint needs a forward first"
                     )
                 if layer.is_conv_states_initialized[state_idx]:
-                    checkpoint.conv[(idx, state_idx)] = _copy_to(layer.conv_states[state_idx][:1], device)
+                    checkpoint.conv[(idx, state_idx)] = copy_to(layer.conv_states[state_idx][:1], device)
                 if layer.is_recurrent_states_initialized[state_idx]:
-                    checkpoint.recurrent[(idx, state_idx)] = _copy_to(layer.recurrent_states[state_idx][:1], device)
+                    checkpoint.recurrent[(idx, state_idx)] = copy_to(layer.recurrent_states[state_idx][:1], device)
         for idx in self.window_layers:
             layer = cache.layers[idx]
             checkpoint.windows[idx] = (
-                _copy_to(layer.keys[:1], device),
-                _copy_to(layer.values[:1], device),
+                copy_to(layer.keys[:1], device),
+                copy_to(layer.values[:1], device),
                 layer.cumulative_length,
             )
         return checkpoint
@@ -204,15 +218,15 @@ class StateLayout:
             values = torch.cat([edge.kv[idx][1].to(device) for edge in edges], dim=-2)
             cache.layers[idx].update(keys, values)
         for (idx, state_idx), conv in checkpoint.conv.items():
-            cache.layers[idx].update_conv_state(_copy_to(conv, devices[idx]), state_idx=state_idx)
+            cache.layers[idx].update_conv_state(copy_to(conv, devices[idx]), state_idx=state_idx)
         for (idx, state_idx), recurrent in checkpoint.recurrent.items():
             layer = cache.layers[idx]
-            layer.update_recurrent_state(_copy_to(recurrent, devices[idx]), state_idx=state_idx)
+            layer.update_recurrent_state(copy_to(recurrent, devices[idx]), state_idx=state_idx)
             # A layer with a recurrent state but no conv state is only marked as continuing by this flag.
             layer.has_previous_state[state_idx] = True
         for idx, (keys, values, cumulative_length) in checkpoint.windows.items():
             layer = cache.layers[idx]
             layer.lazy_initialization(keys, values)
-            layer.keys = _copy_to(keys, devices[idx])
-            layer.values = _copy_to(values, devices[idx])
+            layer.keys = copy_to(keys, devices[idx])
+            layer.values = copy_to(values, devices[idx])
             layer.cumulative_length = cumulative_length

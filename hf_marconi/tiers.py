@@ -25,15 +25,8 @@ from typing import Any
 import torch
 
 from .cache import MarconiCache
-from .states import DeviceSpec, KVEdge, StateCheckpoint
+from .states import DeviceSpec, KVEdge, StateCheckpoint, copy_to, map_payload
 from .tree import Node
-
-
-def _move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of ``tensor`` on ``device`` (a clone when it is there already: stored tensors are never shared)."""
-    if tensor.device == device:
-        return tensor.detach().clone()
-    return tensor.detach().to(device, copy=True)
 
 
 class SpilledKVEdge(KVEdge):
@@ -44,14 +37,8 @@ class SpilledKVEdge(KVEdge):
         return SpilledKVEdge(head.num_tokens, head.kv), SpilledKVEdge(tail.num_tokens, tail.kv)
 
     def concat(self, tail: KVEdge) -> "SpilledKVEdge":
-        moved = {i: (k.to(self._device(k)), v.to(self._device(v))) for i, (k, v) in tail.kv.items()}
-        merged = KVEdge.concat(self, KVEdge(tail.num_tokens, moved))
+        merged = KVEdge.concat(self, tail)  # the tail's tensors join this edge's device
         return SpilledKVEdge(merged.num_tokens, merged.kv)
-
-    def _device(self, fallback: torch.Tensor) -> torch.device:
-        for keys, _ in self.kv.values():
-            return keys.device
-        return fallback.device
 
 
 class SpilledCheckpoint(StateCheckpoint):
@@ -60,17 +47,14 @@ class SpilledCheckpoint(StateCheckpoint):
 
 def move_edge(edge: KVEdge, device: torch.device, spilled: bool) -> KVEdge:
     """A copy of ``edge`` with every tensor on ``device``, typed for its tier."""
-    kv = {i: (_move(k, device), _move(v, device)) for i, (k, v) in edge.kv.items()}
-    return (SpilledKVEdge if spilled else KVEdge)(edge.num_tokens, kv)
+    moved = map_payload(edge, lambda t: copy_to(t, device))
+    return (SpilledKVEdge if spilled else KVEdge)(moved.num_tokens, moved.kv)
 
 
 def move_checkpoint(checkpoint: StateCheckpoint, device: torch.device, spilled: bool) -> StateCheckpoint:
     """A copy of ``checkpoint`` with every tensor on ``device``, typed for its tier."""
-    return (SpilledCheckpoint if spilled else StateCheckpoint)(
-        conv={key: _move(t, device) for key, t in checkpoint.conv.items()},
-        recurrent={key: _move(t, device) for key, t in checkpoint.recurrent.items()},
-        windows={i: (_move(k, device), _move(v, device), n) for i, (k, v, n) in checkpoint.windows.items()},
-    )
+    moved = map_payload(checkpoint, lambda t: copy_to(t, device))
+    return (SpilledCheckpoint if spilled else StateCheckpoint)(moved.conv, moved.recurrent, moved.windows)
 
 
 def _spilled_bytes(node: Node) -> int:

@@ -20,26 +20,13 @@ copies and every pending payload is ready on return.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
-from ..states import DeviceSpec, KVEdge, StateCheckpoint
+from ..states import DeviceSpec, KVEdge, StateCheckpoint, map_payload
 
 Payload = TypeVar("Payload", StateCheckpoint, KVEdge)
-
-
-def map_payload(payload: Payload, copy: Callable[[torch.Tensor], torch.Tensor]) -> Payload:
-    """The same payload with every tensor replaced by ``copy(tensor)`` (ints and keys kept)."""
-    if isinstance(payload, KVEdge):
-        return KVEdge(payload.num_tokens, {i: (copy(k), copy(v)) for i, (k, v) in payload.kv.items()})
-    if isinstance(payload, StateCheckpoint):
-        return StateCheckpoint(
-            conv={key: copy(t) for key, t in payload.conv.items()},
-            recurrent={key: copy(t) for key, t in payload.recurrent.items()},
-            windows={i: (copy(k), copy(v), length) for i, (k, v, length) in payload.windows.items()},
-        )
-    raise TypeError(f"cannot move a {type(payload).__name__}: expected a StateCheckpoint or a KVEdge")
 
 
 @dataclass
