@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from hf_marconi.costs import PRESETS, preset
+from hf_marconi.presets import PRESETS, preset
 from hf_marconi.policies import PAPER_ALPHA_GRID, WIDE_ALPHA_GRID, AlphaTuner, BlockPolicy, LRUPolicy, MarconiPolicy
 from hf_marconi.simulator import SimulationResult, simulate
 from hf_marconi.trace import Request

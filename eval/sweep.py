@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hf_marconi.costs import preset
+from hf_marconi.presets import preset
 from hf_marconi.policies import PAPER_ALPHA_GRID, WIDE_ALPHA_GRID, AlphaTuner, make_policy, oracle_alpha
 from hf_marconi.simulator import replay_order
 from hf_marconi.store import PrefixStore
@@ -95,7 +95,7 @@ class SweepSpec:
 
     def __post_init__(self) -> None:
         from eval.traces import BUILDERS
-        from hf_marconi.costs import PRESETS
+        from hf_marconi.presets import PRESETS
 
         for name in self.traces:
             if name not in BUILDERS:

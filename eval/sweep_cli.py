@@ -28,7 +28,7 @@ def _per_trace(text: str) -> dict[str, int]:
 def add_sweep_options(parser: argparse.ArgumentParser, trace_sessions_default: str = DEFAULT_TRACE_SESSIONS) -> None:
     """The options that define a :class:`eval.sweep.SweepSpec`."""
     from eval.traces import BUILDERS
-    from hf_marconi.costs import PRESETS
+    from hf_marconi.presets import PRESETS
 
     add = parser.add_argument
     add("--traces", type=_names, default=DEFAULT_TRACES,

@@ -131,7 +131,7 @@ def measure_replay(
     modelled TTFT of the same requests (the profile applied to each request's reused length) for comparison."""
     from tqdm.auto import tqdm
 
-    from hf_marconi.costs import CostModel
+    from hf_marconi.families import cost_model
     from hf_marconi.policies import make_policy
     from hf_marconi.store import PrefixStore
 
@@ -148,7 +148,7 @@ def measure_replay(
     from hf_marconi.cache import MarconiCache
 
     probe = MarconiCache(model, capacity_bytes=0, policy="no-cache")
-    costs = CostModel.from_config(model.config, dtype="float32", recurrent_dtype="float32")
+    costs = cost_model(model.config, dtype="float32", recurrent_dtype="float32")
     unlimited = PrefixStore(2**62, make_policy("sglang+"), costs, probe.sizes)
     for r in folded:
         unlimited.simulate_request(r.input_ids, r.input_ids + (r.output_ids or (3,)))

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_marconi import MarconiCache
-from hf_marconi.cache import cache_argument
+from hf_marconi.families import cache_keyword_of
 from hf_marconi.testing import FAMILIES, build_model
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     print(f"model: {type(model).__name__}, cache capacity {args.capacity_mb:g} MiB")
     # Warm-up: a process's first forward pays for one-time allocations; keep it out of both timings.
     warm_up = torch.randint(3, vocab, (1, 8), generator=generator)
-    model.generate(warm_up, **{cache_argument(model): DynamicCache(config=model.config)}, **settings)
+    model.generate(warm_up, **{cache_keyword_of(model): DynamicCache(config=model.config)}, **settings)
     for turn in range(1, args.turns + 1):
         user = torch.randint(3, vocab, (1, args.user_tokens), generator=generator)
         prompt = torch.cat([history, user], dim=-1)
@@ -59,7 +59,7 @@ def main() -> None:
         with_cache = model.generate(prompt, past_key_values=cache, **settings)
         cached_s = time.perf_counter() - start
         start = time.perf_counter()
-        without_cache = model.generate(prompt, **{cache_argument(model): DynamicCache(config=model.config)}, **settings)
+        without_cache = model.generate(prompt, **{cache_keyword_of(model): DynamicCache(config=model.config)}, **settings)
         uncached_s = time.perf_counter() - start
 
         same = torch.equal(with_cache, without_cache)

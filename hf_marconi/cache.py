@@ -5,7 +5,8 @@ create. Across calls it owns a :class:`~hf_marconi.store.PrefixStore` (radix tre
 are copies of the live states (:mod:`hf_marconi.states`).
 
 How it hooks into ``generate``: building a MarconiCache for a model wraps that model instance's ``generate`` (once)
-and adds forward hooks. When a call passes a MarconiCache as ``past_key_values``, the wrapper restores the longest
+and adds forward hooks. When a call passes a MarconiCache (as ``past_key_values=`` or ``cache=``, on every declared
+transformers release; see :mod:`.conventions`), the wrapper restores the longest
 stored prefix into the live layers *before* ``generate`` runs, so ``generate`` sees a cache of that length and feeds
 only the unmatched suffix; after it returns, the new states are admitted by the policy (see :mod:`.generation`).
 Plain ``model(...)`` forwards use the object as an ordinary live cache; :meth:`MarconiCache.request` gives them the
@@ -14,8 +15,11 @@ same lookup / admission as ``generate``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -23,12 +27,12 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
-from . import generation
-from .costs import CostModel
-from .fixes import apply_fixes, check_supported
+from . import conventions, generation
+from .families import cache_keyword_of, cost_model
 from .policies import WIDE_ALPHA_GRID, AlphaTuner, Policy, make_policy
 from .states import DeviceSpec, StateLayout
 from .store import PrefixStore, StateSizes
+from .support import apply_fixes, check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -39,51 +43,60 @@ class MarconiCacheError(ValueError):
 
 def config_fingerprint(config: Any) -> str:
     """A stable digest of a model config: two models share stored states only if their fingerprints agree."""
-    import hashlib
-    import json
-
     text = json.dumps(config.to_dict(), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _layer_devices(model: PreTrainedModel, num_layers: int) -> dict[int, torch.device]:
-    """Where each decoder layer computes: the device of the first module carrying that ``layer_idx``.
-
-    Models dispatched over devices with accelerate keep each layer's states next to the layer.
-    """
-    devices: dict[int, torch.device] = {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and idx not in devices:
-            param = next(module.parameters(), None)
-            if param is not None:
-                devices[idx] = param.device
-    default = model.device
-    return {idx: devices.get(idx, default) for idx in range(num_layers)}
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate hook's execution device when it is dispatched or offloaded (its
+    parameters may then sit on the meta device), else the device of its first parameter (CPU without any)."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    param = next(module.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return torch.device("cpu")
+    return param.device
 
 
-def _probe(model: PreTrainedModel) -> tuple[StateLayout, StateSizes]:
-    """Which layers hold state, and the real bytes of one token of KV and of one checkpoint, from a one-token
-    forward into a scratch cache."""
+def _probe(model: PreTrainedModel, keyword: str, device: torch.device) -> tuple[DynamicCache, StateLayout, StateSizes]:
+    """Which layers hold state, where each computes, and the real bytes of one token of KV and of one checkpoint,
+    from a one-token forward into a scratch cache (returned, so that callers can read its tensors' devices)."""
     config = model.config.get_text_config(decoder=True)
     scratch = DynamicCache(config=config)
-    token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+    token = torch.zeros((1, 1), dtype=torch.long, device=device)
     with torch.no_grad():
-        model(input_ids=token, use_cache=True, **{cache_argument(model): scratch})
+        model(input_ids=token, use_cache=True, **{keyword: scratch})
     layout = StateLayout.of(scratch, written_only=True)
     kv = layout.take_edge(scratch, 0, 1).nbytes if layout.kv_layers else 0
     checkpoint = layout.take_checkpoint(scratch).nbytes
-    return layout, StateSizes(kv_bytes_per_token=kv, checkpoint_bytes=checkpoint)
+    return scratch, layout, StateSizes(kv_bytes_per_token=kv, checkpoint_bytes=checkpoint)
 
 
-def cache_argument(model: PreTrainedModel) -> str:
-    """The keyword a model's forward and ``generate`` take its cache by: ``cache_params`` for pure Mamba models
-    (transformers decides by the class name the same way), else ``past_key_values``."""
-    return "cache_params" if "mamba" in type(model).__name__.lower() else "past_key_values"
+def _state_devices(scratch: DynamicCache, default: torch.device) -> dict[int, torch.device]:
+    """The device of each layer's live states after a forward (models dispatched over devices keep each layer's states
+    next to the layer); ``default`` for layers that hold nothing."""
+    devices = {}
+    for idx, layer in enumerate(scratch.layers):
+        tensors = [getattr(layer, "keys", None)]
+        tensors += [*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values()]
+        found = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.numel()), default)
+        devices[idx] = found
+    return devices
+
+
+def weights_signature(model: torch.nn.Module) -> tuple[tuple[int, int, str, str], ...]:
+    """What changes when a model's weights change: each parameter's storage, in-place version counter, dtype and
+    device. An in-place update (``load_state_dict``, an optimizer step, merging an adapter) bumps the version; ``.to``
+    replaces the storage. Cheap: no tensor data is read."""
+    return tuple(
+        (p.data_ptr(), p._version, str(p.dtype), str(p.device)) for p in model.parameters()
+    )
 
 
 class MarconiCache(DynamicCache):
-    """A prefix cache for hybrid models, passed as ``past_key_values`` to ``model.generate`` call after call.
+    """A prefix cache for hybrid models, passed to ``model.generate`` call after call (as ``past_key_values=`` or
+    ``cache=``).
 
     Args:
         model: the model the cache serves. Building the cache installs hf_marconi's continuation fixes for the
@@ -101,7 +114,8 @@ class MarconiCache(DynamicCache):
             mixers cannot split, e.g. Jamba) or ``"two_pass"`` (a forward up to the branch point, then the rest).
         **policy_options: passed to the policy factory (e.g. ``alpha=0.5``, ``block_size=32`` for vLLM+).
 
-    Only batch-size-1 calls reuse and admit states; larger batches run without reuse (with a warning).
+    Only batch-size-1 calls reuse and admit states; larger batches run without reuse (with a warning). When the
+    model's weights change (in place, or by ``.to(dtype)``), the stored states are dropped at the next call.
     """
 
     def __init__(
@@ -114,10 +128,10 @@ class MarconiCache(DynamicCache):
         capture: str = "single_pass",
         **policy_options: Any,
     ) -> None:
-        if not isinstance(capacity_bytes, int) or capacity_bytes < 0:
-            raise MarconiCacheError(f"capacity_bytes must be a non-negative int, got {capacity_bytes!r}")
+        capacity_bytes = _capacity(capacity_bytes)
         if capture not in ("single_pass", "two_pass"):
             raise MarconiCacheError(f"capture must be 'single_pass' or 'two_pass', got {capture!r}")
+        _check_storage_device(storage_device)
         check_supported(model)
         apply_fixes(model)
         self.config = model.config.get_text_config(decoder=True)
@@ -126,13 +140,12 @@ class MarconiCache(DynamicCache):
         self.fingerprint = config_fingerprint(self.config)
         self.storage_device = storage_device
         self.capture = capture
-        self.layer_devices = _layer_devices(model, len(self.layers))
-        self.uses_cache_params = cache_argument(model) == "cache_params"
+        # The keyword the installed transformers' forward and generate take this model's cache by.
+        self.keyword = cache_keyword_of(model)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.layout, self.sizes = _probe(model)
-        self.costs = CostModel.from_config(self.config, dtype=model.dtype, recurrent_dtype=model.dtype)
+        self._measure()
         if isinstance(policy, str):
-            policy = make_policy(policy, **policy_options)
+            policy = _make_policy(policy, policy_options)
         if alpha_tuner == "default":
             alpha_tuner = AlphaTuner(grid=WIDE_ALPHA_GRID) if policy.alpha is not None else None
         self.store = PrefixStore(capacity_bytes, policy, self.costs, self.sizes, tuner=alpha_tuner)
@@ -141,9 +154,72 @@ class MarconiCache(DynamicCache):
         self._forward_depth = 0
         # The latest call's record (reused tokens, capture positions, timings of the cache's own work).
         self.last_call: "generation.PrefixCall | None" = None
-        # One call at a time owns the live layers; reentrant so a generate wrapper may run forwards under it.
-        self.call_lock = threading.RLock()
-        generation.install(model, self)
+        # Calls that ran without reuse (batch > 1, padding, num_return_sequences > 1, use_cache=False).
+        self.bypassed_calls = 0
+        # Times the store was dropped because the model's weights changed.
+        self.invalidations = 0
+        # One call at a time owns the model's live layers and mixers, whichever of its caches it uses; reentrant so
+        # a generate wrapper may run forwards under it.
+        self.call_lock = generation.model_lock(model)
+        self._active_thread: int | None = None
+        self._weights = weights_signature(model)
+        generation.install(model)
+
+    # ----------------------------------------------------------- calls
+    @contextmanager
+    def active_call(self) -> Iterator[None]:
+        """Mark the current thread as inside a call that went through the cache (generate wrapper or request)."""
+        previous, self._active_thread = self._active_thread, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._active_thread = previous
+
+    def in_active_call(self) -> bool:
+        return self._active_thread == threading.get_ident()
+
+    def continuation_kwargs(self, start: int, end: int, device: torch.device) -> dict[str, Any]:
+        """Keyword arguments of a forward feeding positions ``start .. end-1`` into this live cache."""
+        return conventions.continuation_kwargs(
+            self.model, self.keyword, self, start, end, device, positions=self.layout.has_attention
+        )
+
+    def check_weights(self) -> None:
+        """Drop the stored states if the model's weights changed since they were stored (a stored state is a function
+        of the weights; reusing it after a training step, a merged adapter or a dtype change gives wrong tokens)."""
+        signature = weights_signature(self.model)
+        if signature == self._weights:
+            return
+        with self.call_lock:
+            freed = self.store.clear()
+            self._measure()
+            self.reset_live()
+            self._weights = weights_signature(self.model)
+            self.invalidations += 1
+        warnings.warn(
+            f"the model's weights changed since MarconiCache stored its states; dropped {freed} bytes of stored "
+            "states (they belong to the old weights)",
+            stacklevel=3,
+        )
+
+    def _measure(self) -> None:
+        """Where the model computes, which layers hold state, their real byte sizes and the cost model (again after
+        the weights change dtype or device)."""
+        model = self.model
+        self.input_device = execution_device(model.get_input_embeddings())
+        scratch, self.layout, self.sizes = _probe(model, self.keyword, self.input_device)
+        self.layer_devices = _state_devices(scratch, self.input_device)
+        self.costs = cost_model(self.config, dtype=model.dtype, recurrent_dtype=model.dtype)
+        if hasattr(self, "store"):
+            self.store.sizes, self.store.costs = self.sizes, self.costs
+
+    def clear(self) -> int:
+        """Drop every stored state (e.g. after changing the model's weights by a route the cache cannot see);
+        returns the bytes freed. Counters are kept."""
+        with self.call_lock:
+            freed = self.store.clear()
+            self.reset_live()
+            return freed
 
     # ----------------------------------------------------------- live layers
     def reset_live(self) -> None:
@@ -207,9 +283,12 @@ class MarconiCache(DynamicCache):
         return input_ids.long()
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the store: lookups, hits, tokens reused, FLOPs saved, bytes, admissions, evictions, alpha."""
+        """Counters of the store (lookups, hits, tokens reused, FLOPs saved, bytes, admissions, evictions, alpha),
+        calls that ran without reuse (``bypassed_calls``) and stores dropped after a weight change
+        (``invalidations``)."""
         with self.call_lock:
-            return self.store.stats().asdict()
+            return dict(self.store.stats().asdict(), bypassed_calls=self.bypassed_calls,
+                        invalidations=self.invalidations)
 
     def check_invariants(self) -> None:
         self.store.check_invariants()
@@ -226,15 +305,60 @@ class MarconiCache(DynamicCache):
         ::
 
             with cache.request(ids) as call:          # restores the stored prefix, captures branch states
-                out = model(ids[:, call.prefilled:], past_key_values=cache)
+                out = model(ids[:, call.prefilled:], past_key_values=cache)   # or cache=cache
                 ...                                   # more forwards (decode steps) on the same cache
             # on leaving without an exception, the tokens fed are admitted; on an exception, the store is unchanged
         """
         with self.call_lock:
-            call = generation.PrefixCall.begin(self, self.validate_input_ids(input_ids))
-            try:
-                yield call
-            except BaseException:
-                call.abort()
-                raise
-            call.finish()
+            input_ids = self.validate_input_ids(input_ids)
+            if input_ids.shape[0] != 1:
+                raise MarconiCacheError(
+                    f"cache.request takes one sequence (input_ids of shape [1, L]); got batch size {input_ids.shape[0]}"
+                )
+            self.check_weights()
+            with self.active_call():
+                call = generation.PrefixCall.begin(self, input_ids)
+                try:
+                    yield call
+                except BaseException:
+                    call.abort()
+                    raise
+                call.finish()
+
+
+def _capacity(capacity_bytes: Any) -> int:
+    """``capacity_bytes`` as an int: a non-negative int, or a float holding a whole number (``4e9``)."""
+    if isinstance(capacity_bytes, float) and capacity_bytes.is_integer():
+        capacity_bytes = int(capacity_bytes)
+    if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+        raise MarconiCacheError(
+            f"capacity_bytes must be a non-negative whole number of bytes (e.g. 4 * 2**30), got {capacity_bytes!r}"
+        )
+    return capacity_bytes
+
+
+def _check_storage_device(storage_device: DeviceSpec) -> None:
+    if storage_device is None:
+        return
+    try:
+        device = torch.device(storage_device)
+    except (RuntimeError, TypeError) as error:
+        raise MarconiCacheError(f"storage_device {storage_device!r} is not a torch device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MarconiCacheError(
+            f"storage_device {storage_device!r} needs CUDA, which this machine does not have; use storage_device=None "
+            "(each layer's own device) or 'cpu'"
+        )
+    if device.type == "meta":
+        raise MarconiCacheError("storage_device 'meta' holds no data; use None, 'cpu' or a CUDA device")
+
+
+def _make_policy(name: str, options: dict[str, Any]) -> Policy:
+    """``make_policy``, with an option the policy does not take reported as the caller's error."""
+    try:
+        return make_policy(name, **options)
+    except TypeError as error:
+        raise MarconiCacheError(
+            f"policy {name!r} does not take the options {sorted(options)} ({error}); alpha applies to "
+            "policy='marconi' only, block_size to 'vllm+'"
+        ) from None

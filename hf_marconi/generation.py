@@ -1,22 +1,28 @@
 """The per-call flow of a MarconiCache: lookup, restore, branch-point capture, generate, admit.
 
-``install`` wraps a model instance's ``generate`` and adds forward hooks; everything a call changes in the store
-happens in :meth:`PrefixCall.finish`, after the model has run, so an exception anywhere before leaves the store as
-it was (``PrefixCall.abort`` only releases the lookup's lock).
+``install`` wraps a model instance's ``generate``, guards the entry of transformers' own generate loop, and adds
+forward hooks; everything a call changes in the store happens in :meth:`PrefixCall.finish`, after the model has run,
+so an exception anywhere before leaves the store as it was (``PrefixCall.abort`` only releases the lookup's lock).
+
+What the wrapper does with each kind of call is decided up front (:func:`_plan_call`): reuse and admission, a run
+without reuse (with the reason, warned once per reason), or a refusal before anything runs. Every convention of
+transformers it relies on (cache keywords, which settings fork the cache) comes from :mod:`.conventions`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .kernels.single_pass import prefill_kwargs, single_pass_prefill
+from . import conventions
+from .kernels.single_pass import single_pass_prefill
 from .states import StateCheckpoint
 
 if TYPE_CHECKING:
@@ -28,6 +34,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _INSTALLED = "_hf_marconi_installed"
+# One lock per model instance, shared by every MarconiCache of that model: a call owns the model's mixers (single-pass
+# capture replaces their forwards) and its live cache from lookup to admission.
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The lock that serialises the MarconiCache calls of one model instance, whichever cache they use."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 @dataclass
@@ -66,6 +82,10 @@ class PrefixCall:
     @property
     def reused(self) -> int:
         return self.plan.reuse_len
+
+    def __repr__(self) -> str:
+        return (f"PrefixCall(prompt={self.input_ids.shape[-1]} tokens, reused={self.reused}, "
+                f"prefilled={self.prefilled}, checkpoints={sorted(self.checkpoints)}, timings={self.timings})")
 
     @classmethod
     def begin(cls, cache: "MarconiCache", input_ids: torch.Tensor) -> "PrefixCall":
@@ -112,14 +132,18 @@ class PrefixCall:
         self.cache.reset_live()
 
     def finish(self) -> None:
-        """Admit the states of every token fed in this call, per the policy, then drop the live states."""
+        """Admit the states of every token fed in this call, per the policy.
+
+        The live states stay in place, as a ``DynamicCache`` returned by ``generate`` holds them: a caller may go on
+        from them by hand (``model(next_ids, past_key_values=cache)``). The next call through the cache resets them.
+        """
         cache = self.cache
         tokens = cache.live_tokens
         prompt = self.input_ids[0].tolist()
         if tokens is None or len(tokens) < len(prompt) or tokens[: len(prompt)] != prompt:
             warnings.warn(
                 "MarconiCache admits nothing for this call: the tokens fed to the model are not the prompt followed "
-                "by its continuation (inputs_embeds, batch > 1, or fewer tokens than the prompt were fed)",
+                "by its continuation (embeddings or a batch were fed inside the call)",
                 stacklevel=3,
             )
             self.abort()
@@ -135,60 +159,87 @@ class PrefixCall:
 
         try:
             result = cache.store.commit(self.plan, tokens, make_edge, checkpoints)
-        finally:
+        except BaseException:
             cache.reset_live()
+            raise
         self.timings.admit_s = time.perf_counter() - started
         logger.debug("MarconiCache admitted %s in %.3f ms", result, self.timings.admit_s * 1e3)
 
 
 def _prefill(cache: "MarconiCache", chunk: torch.Tensor, start: int) -> None:
     """Feed ``chunk`` (shape [1, L]) at positions ``start .. start+L-1`` into the live cache."""
-    chunk = chunk.to(cache.model.device)
+    chunk = chunk.to(cache.input_device)
     with torch.no_grad():
-        cache.model(input_ids=chunk, **prefill_kwargs(cache, start, start + chunk.shape[1], chunk.device))
+        cache.model(input_ids=chunk, **cache.continuation_kwargs(start, start + chunk.shape[1], chunk.device))
 
 
-def _with_cache(cache: "MarconiCache", kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with the cache under the keyword the model takes it by (pure Mamba models: ``cache_params``)."""
-    if not cache.uses_cache_params:
-        return kwargs
-    kwargs = dict(kwargs)
-    kwargs.pop("past_key_values", None)
-    kwargs["cache_params"] = cache
-    return kwargs
+# ------------------------------------------------------------------------------------------------- the wrapper
+class _Warnings:
+    """Each reason for running without reuse is warned about once per process (not once per call)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def once(self, reason: str, message: str) -> None:
+        if reason not in self._seen:
+            self._seen.add(reason)
+            warnings.warn(message, stacklevel=4)
 
 
-def _find_cache(kwargs: dict[str, Any]) -> Any:
-    return kwargs.get("past_key_values", kwargs.get("cache_params"))
+_WARN = _Warnings()
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What the wrapper does with one generate call: ``reuse`` (lookup, restore, admit), or run it without reuse
+    (``without_reuse`` names why), or without any cache at all (``uncached``: ``use_cache=False``)."""
+
+    reuse: bool
+    without_reuse: str = ""
+    uncached: bool = False
+
+
+def _plan_call(model: "PreTrainedModel", input_ids: torch.Tensor, kwargs: dict[str, Any]) -> CallPlan:
+    if conventions.generate_setting(model, kwargs, "use_cache", True) is False:
+        return CallPlan(reuse=False, without_reuse="use_cache=False", uncached=True)
+    if input_ids.shape[0] != 1:
+        return CallPlan(reuse=False, without_reuse="batch size > 1")
+    if conventions.generate_setting(model, kwargs, "num_return_sequences", 1) > 1:
+        return CallPlan(reuse=False, without_reuse="num_return_sequences > 1")
+    if _may_be_padded(model, input_ids, kwargs.get("attention_mask"), kwargs):
+        return CallPlan(reuse=False, without_reuse="a padded prompt")
+    return CallPlan(reuse=True)
 
 
 def _refuse_unsupported_modes(model: "PreTrainedModel", kwargs: dict[str, Any]) -> None:
-    """Generation modes that rewrite or fork the cache are refused before anything runs."""
-    config = kwargs.get("generation_config") or model.generation_config
-
-    def setting(name: str, default: Any) -> Any:
-        value = kwargs.get(name)
-        value = getattr(config, name, None) if value is None else value
-        return default if value is None else value
-
-    if setting("num_beams", 1) > 1:
+    """Generation modes that rewrite or fork the cache, inputs_embeds, and compiled forwards are refused before
+    anything runs."""
+    rewriting = conventions.cache_rewriting_settings(model, kwargs)
+    if rewriting:
+        name, why = next(iter(rewriting.items()))
         raise ValueError(
-            "beam search is not supported with a MarconiCache (beams reorder and fork the live cache); "
-            "use greedy or sampling, or pass a DynamicCache for beam search"
-        )
-    if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens", None) is not None:
-        raise ValueError(
-            "assisted / speculative decoding is not supported with a MarconiCache (it crops the cache, which a "
-            "recurrent state cannot undo); generate without an assistant, or pass a DynamicCache"
+            f"`{name}` is not supported with a MarconiCache ({why}); generate without it, or pass a DynamicCache"
         )
     if kwargs.get("inputs_embeds") is not None:
         raise ValueError("a MarconiCache looks prompts up by token ids: pass input_ids, not inputs_embeds")
+    if _is_compiled(model):
+        raise ValueError(
+            "this model's forward is wrapped by torch.compile; a MarconiCache restores and copies live states between "
+            "forwards, which a compiled graph does not see. Generate with the uncompiled model (or pass a "
+            "DynamicCache to the compiled one)"
+        )
+
+
+def _is_compiled(model: "PreTrainedModel") -> bool:
+    """``model.forward = torch.compile(model.forward)`` or ``model.compile()``."""
+    return (getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
+            or getattr(model, "_compiled_call_impl", None) is not None)
 
 
 def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     from .cache import MarconiCache, MarconiCacheError
 
-    cache = _find_cache(kwargs)
+    cache = conventions.find_cache(kwargs)
     if not isinstance(cache, MarconiCache):
         return original(*args, **kwargs)
     if cache.model is not model:
@@ -210,40 +261,66 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
             "they must match"
         )
     with cache.call_lock:
-        padded = _may_be_padded(model, input_ids, attention_mask, kwargs)
-        if input_ids.shape[0] != 1 or padded:
-            warnings.warn(
-                "MarconiCache reuses and admits prefixes for batch size 1 without padding only; this call "
-                f"(batch {input_ids.shape[0]}, padded: {padded}) runs without reuse",
-                stacklevel=2,
-            )
-            cache.reset_live()
+        cache.check_weights()
+        plan = _plan_call(model, input_ids, kwargs)
+        with cache.active_call():
+            if not plan.reuse:
+                return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
+            call = PrefixCall.begin(cache, input_ids)
             try:
-                return original(input_ids, *args, **_with_cache(cache, kwargs))
-            finally:
-                cache.reset_live()
-        call = PrefixCall.begin(cache, input_ids)
-        try:
-            output = _run_generate(cache, original, input_ids, call.prefilled, args, kwargs)
-        except BaseException:
-            call.abort()
-            raise
-        call.finish()
-        return output
+                output = _run_generate(cache, original, input_ids, call.prefilled, args, kwargs)
+            except BaseException:
+                call.abort()
+                raise
+            call.finish()
+            return output
+
+
+def _run_without_reuse(
+    cache: "MarconiCache", original: Callable[..., Any], input_ids: torch.Tensor, args: tuple[Any, ...],
+    kwargs: dict[str, Any], plan: CallPlan,
+) -> Any:
+    """Run a call that cannot reuse stored states: on the live cache as a plain cache (reset first), or without any
+    cache for ``use_cache=False``. Nothing is admitted; the store is untouched."""
+    cache.bypassed_calls += 1
+    _WARN.once(plan.without_reuse, (
+        f"MarconiCache reuses and admits prefixes for one unpadded sequence per call; a call with "
+        f"{plan.without_reuse} runs without reuse and admits nothing"
+    ))
+    cache.reset_live()
+    if plan.uncached:
+        kwargs = {name: value for name, value in kwargs.items() if name not in conventions.CACHE_KEYWORDS}
+        return original(input_ids, *args, **kwargs)
+    cache.live_tokens = None  # several rows or masked positions: the live layers no longer follow one token list
+    return original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache))
 
 
 def _may_be_padded(
     model: "PreTrainedModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
 ) -> bool:
     """Whether generate will mask some prompt positions: a mask with zeros, or no mask and a prompt holding the pad
-    token id, from which generate infers padding (a restored prefix would then disagree with the mask)."""
+    token id, from which generate infers padding (a restored prefix would then disagree with the mask).
+
+    Like transformers' ``_prepare_attention_mask_for_generation``, nothing is inferred when the pad id is also an
+    EOS id: a multi-turn prompt holding an earlier turn's EOS is not padded.
+    """
     if attention_mask is not None:
         return not bool(attention_mask.all())
-    config = kwargs.get("generation_config") or model.generation_config
-    pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
-    if isinstance(pad, (list, tuple)):
-        return any(bool((input_ids == p).any()) for p in pad)
-    return pad is not None and bool((input_ids == int(pad)).any())
+    pads = _ids(conventions.generate_setting(model, kwargs, "pad_token_id"))
+    eos = _ids(conventions.generate_setting(model, kwargs, "eos_token_id"))
+    if not pads or set(pads) & set(eos):
+        return False
+    return any(bool((input_ids == pad).any()) for pad in pads)
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
 
 
 def _run_generate(
@@ -255,12 +332,12 @@ def _run_generate(
     kwargs: dict[str, Any],
 ) -> Any:
     """Run transformers' generate on a live cache that already holds ``prefilled`` prompt tokens."""
-    if not cache.uses_cache_params:
+    kwargs = conventions.with_cache(kwargs, cache.keyword, cache)
+    if conventions.generate_skips_cached_prompt(cache):
         # generate compares the cache length with the prompt and feeds only the tokens past it.
         return original(input_ids, *args, **kwargs)
-    # Pure Mamba models take the cache as `cache_params` and generate never asks it for its length: feed the suffix
-    # ourselves and put the prefix back in front of the returned sequences.
-    kwargs = _with_cache(cache, kwargs)
+    # A cache without attention layers (pure Mamba models) counts no tokens, and generate feeds it the whole prompt:
+    # feed the suffix ourselves and put the prefix back in front of the returned sequences.
     if kwargs.get("attention_mask") is not None:
         kwargs["attention_mask"] = kwargs["attention_mask"][:, prefilled:]
     output = original(input_ids[:, prefilled:], *args, **kwargs)
@@ -275,43 +352,106 @@ def _sequences(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.sequences
 
 
-def _enter_forward(model: "PreTrainedModel", args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+# ------------------------------------------------------------------------------------------ installed on the model
+class GenerateWrapper:
+    """``model.generate`` of a model with a MarconiCache installed (an instance attribute).
+
+    Picklable and deep-copyable: a copy wraps the copied model, whose forward hooks are module-level functions, so
+    ``copy.deepcopy(model)``, ``pickle`` / ``torch.save(model)`` and ``save_pretrained`` work; a MarconiCache built
+    for the original is refused by the copy (another model instance).
+    """
+
+    def __init__(self, model: "PreTrainedModel") -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        return _generate(model, type(model).generate.__get__(model), *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (GenerateWrapper, (self.model,))
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return type(self.model).generate.__doc__
+
+
+class PrepareCacheGuard:
+    """``model._prepare_cache_for_generation`` (an instance attribute): refuses transformers' generate loop on a
+    MarconiCache unless it was entered through ``model.generate`` (the wrapper), e.g. ``GenerationMixin.generate(
+    model, ...)`` called directly, which would run on stale live states without lookup or admission."""
+
+    def __init__(self, model: "PreTrainedModel") -> None:
+        self.model = model
+
+    def __call__(self, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        from .cache import MarconiCache, MarconiCacheError
+
+        model = self.model
+        cache = conventions.find_cache(model_kwargs)
+        if isinstance(cache, MarconiCache) and not cache.in_active_call():
+            raise MarconiCacheError(
+                "a MarconiCache was passed to transformers' generate without going through `model.generate` (e.g. "
+                "`GenerationMixin.generate(model, ...)` or a subclass's `super().generate(...)`), which skips its "
+                "lookup and admission and would continue stale live states. Call `model.generate(...)`, or pass a "
+                "DynamicCache"
+            )
+        return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PrepareCacheGuard, (self.model,))
+
+
+def _owning_cache(module: torch.nn.Module, kwargs: dict[str, Any]) -> "MarconiCache | None":
+    """The MarconiCache a forward of ``module`` (the model or its base model) passes, if it belongs to that model."""
     from .cache import MarconiCache
 
-    cache = _find_cache(kwargs)
-    if not isinstance(cache, MarconiCache) or cache.model is not model:
-        return
+    cache = conventions.find_cache(kwargs)
+    if isinstance(cache, MarconiCache) and (module is cache.model or module is cache.model.base_model):
+        return cache
+    return None
+
+
+def enter_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook: hand the cache on under the release's keyword and count the tokens fed."""
+    cache = _owning_cache(module, kwargs)
+    if cache is None:
+        return None
+    if torch.compiler.is_compiling():
+        from .cache import MarconiCacheError
+
+        raise MarconiCacheError(
+            "a MarconiCache cannot be used inside torch.compile (it restores and copies live states between "
+            "forwards); run the uncompiled model with it, or pass a DynamicCache to the compiled one"
+        )
     cache._forward_depth += 1
-    if cache._forward_depth > 1:  # the inner base model of a CausalLM: already counted
-        return
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if cache.live_tokens is None:
-        return
-    if not isinstance(ids, torch.Tensor) or ids.shape[0] != 1:
-        cache.live_tokens = None  # embeddings or a batch: the fed tokens are unknown from here on
-    else:
-        cache.live_tokens.extend(ids[0].tolist())
+    if cache._forward_depth == 1:  # the outermost forward (the inner base model of a CausalLM is already counted)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if cache.live_tokens is not None:
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
+                cache.live_tokens = None  # embeddings or a batch: the fed tokens are unknown from here on
+            else:
+                cache.live_tokens.extend(ids[0].tolist())
+    if conventions.cache_keywords_used(kwargs) == [cache.keyword]:
+        return None
+    return args, conventions.with_cache(kwargs, cache.keyword, cache)
 
 
-def _leave_forward(model: "PreTrainedModel", kwargs: dict[str, Any]) -> None:
-    from .cache import MarconiCache
-
-    cache = _find_cache(kwargs)
-    if isinstance(cache, MarconiCache) and cache.model is model and cache._forward_depth > 0:
+def leave_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    """Forward hook (always called, also after an exception)."""
+    cache = _owning_cache(module, kwargs)
+    if cache is not None and cache._forward_depth > 0:
         cache._forward_depth -= 1
 
 
-def install(model: "PreTrainedModel", cache: "MarconiCache") -> None:
-    """Wrap ``model.generate`` and hook the forwards of the model and its base model (once per model)."""
+def install(model: "PreTrainedModel") -> None:
+    """Wrap ``model.generate``, guard transformers' generate loop, and hook the forwards of the model and its base
+    model (once per model instance)."""
     if getattr(model, _INSTALLED, False):
         return
-    original = model.generate
-    model.generate = functools.wraps(original)(functools.partial(_generate, model, original))
+    model.generate = GenerateWrapper(model)
+    model._prepare_cache_for_generation = PrepareCacheGuard(model)
     for module in {model, model.base_model}:
-        module.register_forward_pre_hook(
-            lambda _m, args, kwargs: _enter_forward(model, args, kwargs), with_kwargs=True
-        )
-        module.register_forward_hook(
-            lambda _m, _args, kwargs, _out: _leave_forward(model, kwargs), with_kwargs=True, always_call=True
-        )
+        module.register_forward_pre_hook(enter_forward, with_kwargs=True)
+        module.register_forward_hook(leave_forward, with_kwargs=True, always_call=True)
     setattr(model, _INSTALLED, True)

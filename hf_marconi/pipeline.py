@@ -25,7 +25,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from .cache import MarconiCache, cache_argument
+from .cache import MarconiCache
+from .families import cache_keyword_of
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class MarconiPipeline:
         stream the reply as it is generated. Every id is attended to: the attention mask is passed explicitly, so
         a generated id equal to the padding id is not taken for padding when a later turn feeds it back.
         """
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.cache.input_device)
         settings = dict(self.generate_defaults, **generate_kwargs)
         streamers = [s for s in (streamer, _CallbackStreamer(self.tokenizer, on_text) if on_text else None)
                      if s is not None]
@@ -225,9 +226,9 @@ class MarconiPipeline:
         decoding. For checks and examples."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.cache.input_device)
         settings = dict(self.generate_defaults, **generate_kwargs)
-        settings[cache_argument(self.model)] = DynamicCache(config=self.model.config)
+        settings[cache_keyword_of(self.model)] = DynamicCache(config=self.model.config)
         output = self.model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return sequences[0, ids.shape[1]:].tolist()

@@ -460,6 +460,16 @@ class PrefixStore:
                 self._tree.compact(node)
         self._stats.bytes = self._tree.nbytes
 
+    def clear(self) -> int:
+        """Drop every stored entry (the counters are kept); returns the bytes freed. Refused while a plan is open."""
+        with self._lock:
+            if self._open:
+                raise RuntimeError("cannot clear the store while a request holds a lookup; finish or abort it first")
+            freed = self._tree.nbytes
+            self._tree = RadixTree()
+            self._stats.bytes = 0
+            return freed
+
     # -------------------------------------------------------------------------------------------- queries
     @property
     def nbytes(self) -> int:

@@ -111,7 +111,7 @@ class TieredStorage:
             raise ValueError("this cache already has a TieredStorage; build one per cache")
         self.cache = cache
         self.fast_capacity_bytes = fast_capacity_bytes
-        self.fast_device = torch.device(fast_device) if fast_device is not None else cache.model.device
+        self.fast_device = torch.device(fast_device) if fast_device is not None else cache.input_device
         self.spill_device = torch.device(spill_device)
         self.moves_to_spill = 0
         self.moves_to_fast = 0

@@ -7,8 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from hf_marconi import MarconiCache
-from hf_marconi.cache import cache_argument
-from hf_marconi.fixes import UnsupportedModelError, check_supported
+from hf_marconi.families import cache_keyword_of
+from hf_marconi.fixes import UnsupportedModelError
+from hf_marconi.support import check_supported
 from hf_marconi.testing import FAMILIES, build_model, make_config
 
 CAPACITY = 64 * 2**20
@@ -43,7 +44,7 @@ class FedTokens:
 
 
 def _uncached(model, prompt: torch.Tensor, **settings):
-    return model.generate(prompt, **{cache_argument(model): DynamicCache(config=model.config)}, **settings)
+    return model.generate(prompt, **{cache_keyword_of(model): DynamicCache(config=model.config)}, **settings)
 
 
 def _generate_both(model, cache: MarconiCache, prompt: torch.Tensor):

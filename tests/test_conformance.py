@@ -31,8 +31,10 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from conftest import skip_unless_available
-from hf_marconi.fixes import apply_fixes
-from hf_marconi.testing import ALL_FAMILIES, build_model, family_spec
+from hf_marconi.conventions import INSTALLED
+from hf_marconi.families import FAMILIES as FAMILY_RECORDS
+from hf_marconi.support import apply_fixes
+from hf_marconi.testing import ALL_FAMILIES, build_model, cache_keyword, family_spec
 
 FLOAT64_RTOL = 1e-9
 FLOAT32_RTOL = 5e-5
@@ -80,7 +82,7 @@ def continuation_errors(
     Runs prefix ids[:, :split], rest ids[:, split:-1], then a decode step on the last token, all through one
     cache. ``between(cache)``, if given, runs after the prefix (to tamper with the cache).
     """
-    cache_argument = family_spec(family).cache_argument
+    cache_argument = cache_keyword(family)
     length = ids.shape[1]
     cache = DynamicCache(config=model.config)
     pieces = []
@@ -161,31 +163,31 @@ def test_tolerance_detects_a_lost_state(family, kind):
     assert continuation > 10 * FLOAT32_RTOL
 
 
-# What transformers gets wrong without hf_marconi's fixes (found on transformers 5.23).
+# What transformers gets wrong without hf_marconi's fixes, release by release: each family record says which releases
+# need each fix (Fix.broken_in); the unfixed model on the installed release must be wrong exactly there.
+FIXED_FAMILIES = [pytest.param(name, fix, id=f"{name}-{fix.name}")
+                  for name, record in FAMILY_RECORDS.items() for fix in record.fixes]
 
 
 @torch.no_grad()
-def test_unfixed_jamba_ignores_the_cached_ssm_state():
-    """Jamba's multi-token continuation runs its selective scan from a zero state, even with explicit
-    positions; the decode step after it inherits the wrong state."""
-    model = build_model("jamba", dtype=torch.float64)
-    ids, _ = sequence_and_splits("jamba")
-    continuation, decode = continuation_errors(model, "jamba", ids, full_logits(model, ids), 11, True)
-    if continuation <= FLOAT64_RTOL:
-        pytest.skip("this transformers continues Jamba from the cached SSM state; hf_marconi's fix is redundant")
-    assert continuation > 100 * FLOAT32_RTOL
-    assert decode > 100 * FLOAT32_RTOL
+@pytest.mark.parametrize(("family", "fix"), FIXED_FAMILIES)
+def test_unfixed_model_on_this_release_is_what_its_record_says(family, fix):
+    """Jamba's multi-token continuation runs its selective scan from a zero state; Bamba's forward defaults
+    position_ids to arange(seq_len). On a release whose record says the fix is needed, the unfixed model (called as a
+    user calls it, without positions) continues wrongly by far more than the tolerance; on a release that fixed it,
+    it conforms (and the fix is not installed: see test_fixes)."""
+    model = build_model(family, dtype=torch.float64)
+    ids, _ = sequence_and_splits(family)
+    continuation, decode = continuation_errors(model, family, ids, full_logits(model, ids), 11, False)
+    needed = fix.needed(INSTALLED)
+    broken = continuation > 100 * FLOAT32_RTOL and decode > 100 * FLOAT32_RTOL
+    assert broken == needed, (
+        f"transformers {INSTALLED}: unfixed {family} continuation off by {continuation:.1e} (decode {decode:.1e}), "
+        f"but {fix.name}.broken_in = {fix.broken_in}; update the family record"
+    )
 
 
-@torch.no_grad()
-def test_unfixed_bamba_restarts_positions_and_is_exact_with_them():
-    """Bamba's forward defaults position_ids to arange(seq_len), ignoring the cache: continuations without
-    explicit positions are wrong, with them the same unfixed model conforms (its Mamba layers are exact)."""
+def test_unfixed_bamba_is_exact_with_explicit_positions():
+    """The cause of Bamba's defect is its position default alone: its Mamba layers continue exactly."""
     model = build_model("bamba", dtype=torch.float64)
-    ids, _ = sequence_and_splits("bamba")
-    continuation, decode = continuation_errors(model, "bamba", ids, full_logits(model, ids), 11, False)
-    if continuation <= FLOAT32_RTOL:
-        pytest.skip("this transformers defaults Bamba's positions from the cache; hf_marconi's fix is redundant")
-    assert continuation > 100 * FLOAT32_RTOL
-    assert decode > 100 * FLOAT32_RTOL
     assert_conforms(model, "bamba", torch.float64, explicit_positions=True)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from hf_marconi.costs import PRESETS, CostModel, attention, mamba2, mlp, moe, preset
+from hf_marconi.costs import CostModel, attention, mamba2, mlp, moe
+from hf_marconi.families import FAMILIES, cost_model
+from hf_marconi.presets import PRESETS, preset
 
-FAMILIES = ["jamba", "bamba", "zamba2", "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "lfm2",
-            "olmo_hybrid", "qwen3_5", "kimi_linear", "llama", "mamba2"]
 
-
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("dtype_name", ["bfloat16"])  # conv states in bf16, recurrent in fp32: both dtypes checked
 def test_bytes_match_real_cache_tensors(family, dtype_name):
     torch = pytest.importorskip("torch")
@@ -23,14 +22,14 @@ def test_bytes_match_real_cache_tensors(family, dtype_name):
     cache = transformers.DynamicCache(config=model.config)
     length = 9
     with torch.no_grad():
-        model(torch.arange(3, 3 + length)[None], use_cache=True, **{testing.family_spec(family).cache_argument: cache})
+        model(torch.arange(3, 3 + length)[None], use_cache=True, **{FAMILIES[family].cache_keyword: cache})
     kv = checkpoint = 0
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None:
             kv += (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
         for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
             checkpoint += sum(t.numel() * t.element_size() for t in states.values() if t is not None)
-    costs = CostModel.from_config(model.config, dtype=dtype, recurrent_dtype="float32")
+    costs = cost_model(model.config, dtype=dtype, recurrent_dtype="float32")
     assert kv == costs.kv_bytes_per_token * length
     assert checkpoint == costs.checkpoint_bytes
 
@@ -94,7 +93,7 @@ def test_unknown_family_and_dtype_fail_with_a_fix():
         model_type = "gpt2"
 
     with pytest.raises(ValueError, match="supported"):
-        CostModel.from_config(Config())
+        cost_model(Config())
     with pytest.raises(ValueError, match="byte count"):
         CostModel((mlp(4, 8),), dtype="complex32")
 

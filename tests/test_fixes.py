@@ -1,14 +1,19 @@
 """apply_fixes / check_supported: refusals with reasons, per-instance idempotent patches, the Mamba1 math."""
 
+import dataclasses
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from transformers import GPT2Config
 
 from conftest import skip_unless_available
-from hf_marconi.fixes import SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_fixes, check_supported, registry
+from hf_marconi import conventions, support
+from hf_marconi.families import FAMILIES, SUPPORTED_MODEL_TYPES
+from hf_marconi.fixes import UnsupportedModelError
+from hf_marconi.support import apply_fixes, check_supported
 from hf_marconi.fixes.mamba1 import mamba1_initial_state_correction
 from hf_marconi.testing import ALL_FAMILIES, build_model, make_config
 
@@ -127,7 +132,48 @@ def test_fix_that_finds_nothing_to_correct_refuses_the_model():
         apply_fixes(model)
 
 
-def test_transformers_older_than_the_verified_range_is_refused(monkeypatch):
-    monkeypatch.setattr(registry, "installed_transformers_version", lambda: Version("5.14.0"))
-    with pytest.raises(UnsupportedModelError, match="transformers 5.14.0 is older than 5.15.0"):
+def test_transformers_older_than_the_tested_range_is_refused(monkeypatch):
+    monkeypatch.setattr(support, "installed_transformers_version", lambda: Version("5.22.0"))
+    with pytest.raises(UnsupportedModelError, match="transformers 5.22.0 is older than 5.23.0"):
         check_supported(make_config("bamba"))
+
+
+def test_transformers_newer_than_the_tested_range_warns_once(monkeypatch):
+    monkeypatch.setattr(support, "installed_transformers_version", lambda: Version("5.99.0"))
+    monkeypatch.setattr(support, "_warned_unverified", False)
+    with pytest.warns(UserWarning, match="newer than 5.24.0.*check_release"):
+        check_supported(make_config("bamba"))
+
+
+def test_declared_range_is_the_tested_range():
+    """setup.cfg's transformers bound spans exactly the releases conventions.SUPPORTED_RELEASES names (CI tests the
+    first and the last), and the installed release is one of them."""
+    import configparser
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    requires = [Requirement(line) for line in config["options"]["install_requires"].split("\n") if line.strip()]
+    spec = next(r.specifier for r in requires if r.name == "transformers")
+    oldest, newest = conventions.SUPPORTED_RELEASES[0], conventions.SUPPORTED_RELEASES[-1]
+    assert oldest in spec and newest in spec
+    assert Version(f"{newest.major}.{newest.minor + 1}") not in spec, "the upper bound is the next untested minor"
+    assert Version(f"{oldest.major}.{oldest.minor - 1}.99") not in spec, "the lower bound is the oldest tested"
+    assert Version(conventions.INSTALLED.base_version) in spec
+
+
+@pytest.mark.parametrize("family", sorted(name for name, record in FAMILIES.items() if record.fixes))
+def test_fixes_install_only_on_the_releases_that_need_them(family, monkeypatch):
+    """A fix that applies twice is as wrong as a missing one: where a fix's broken_in excludes the installed release
+    (as it will once transformers fixes the defect), apply_fixes leaves the model as transformers ships it."""
+    record = FAMILIES[family]
+    assert apply_fixes(build_model(family)) == [fix.name for fix in record.fixes if fix.needed(conventions.INSTALLED)]
+    repaired = dataclasses.replace(
+        record, fixes=tuple(dataclasses.replace(fix, broken_in=SpecifierSet("<5.0")) for fix in record.fixes)
+    )
+    monkeypatch.setattr(support, "family_of", lambda config: repaired)
+    model = build_model(family)
+    assert apply_fixes(model) == []
+    assert not any("forward" in module.__dict__ for module in model.modules())

@@ -18,7 +18,6 @@ from transformers.integrations import use_kernel_func_from_hub_with_fallback
 import pytest
 
 from hf_marconi.kernels import (
-    SPLITTABLE_MIXERS,
     StateMover,
     capture_branch_states,
     kernel_report,
@@ -29,7 +28,9 @@ from hf_marconi.kernels import (
 )
 from hf_marconi.kernels.__main__ import main as kernels_main
 from hf_marconi.states import KVEdge, StateCheckpoint, StateLayout
-from hf_marconi.testing import DELTA_RULE_CHUNK_SIZE, SSD_CHUNK_SIZE, build_model, family_spec
+from hf_marconi import conventions
+from hf_marconi.families import splittable_mixer_classes
+from hf_marconi.testing import DELTA_RULE_CHUNK_SIZE, SSD_CHUNK_SIZE, build_model, cache_keyword
 
 SSD_FAMILIES = ("bamba", "nemotron_h", "falcon_h1", "granitemoehybrid", "zamba2", "mamba2")
 DELTA_AND_CONV_FAMILIES = ("qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear", "lfm2")
@@ -62,9 +63,8 @@ DELTA_CASES = [
 
 def _forward(model, family: str, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Logits of a forward over ``ids`` at positions ``start..``, continuing ``cache``."""
-    spec = family_spec(family)
-    kwargs = {spec.cache_argument: cache, "use_cache": True}
-    if spec.cache_argument == "past_key_values":
+    kwargs = {cache_keyword(family): cache, "use_cache": True}
+    if family != "mamba2":
         kwargs["position_ids"] = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
         return model(input_ids=ids, **kwargs).logits
@@ -169,7 +169,7 @@ def test_checkpoints_are_copies_shaped_like_take_checkpoint():
 def test_mixers_are_restored_after_the_block_even_on_error():
     model = build_model("nemotron_h", dtype=torch.float64)
     mixers = recurrent_mixers(model)
-    assert mixers and all(type(m).__name__ in SPLITTABLE_MIXERS for m in mixers.values())
+    assert mixers and all(type(m) in splittable_mixer_classes() for m in mixers.values())
     cache = _fresh_cache(model)
     with pytest.raises(RuntimeError, match="got 5 tokens"):
         with capture_branch_states(model, cache, 0, 12, [6]):
@@ -209,7 +209,12 @@ class _PrefixCacheDouble(DynamicCache):
         self.model = model
         self.layout = StateLayout.of(self)
         self.storage_device = storage_device
-        self.uses_cache_params = family_spec(family).cache_argument == "cache_params"
+        self.keyword = cache_keyword(family)
+        self.input_device = torch.device("cpu")
+
+    def continuation_kwargs(self, start, end, device):
+        return conventions.continuation_kwargs(self.model, self.keyword, self, start, end, device,
+                                               positions=self.layout.has_attention)
 
 
 @pytest.mark.parametrize("family", ["jamba", "llama"])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from hf_marconi import MarconiCache
-from hf_marconi.cache import cache_argument
+from hf_marconi.families import cache_keyword_of
 from hf_marconi.persistence import (
     FORMAT_VERSION,
     MANIFEST_DIGEST_KEY,
@@ -46,7 +46,7 @@ def _generate(model, ids: list[int], **cache: object) -> list[int]:
 
 
 def _uncached(model, ids: list[int]) -> list[int]:
-    return _generate(model, ids, **{cache_argument(model): DynamicCache(config=model.config)})
+    return _generate(model, ids, **{cache_keyword_of(model): DynamicCache(config=model.config)})
 
 
 def _warm(model, cache, seed: int = 0) -> list[int]:

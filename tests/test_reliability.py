@@ -552,15 +552,21 @@ def test_fuzz_prompts_give_clear_errors_or_uncached_outputs(bamba, fuzz_cache, c
         assert _store_view(fuzz_cache) == before
     elif entry == "generate":
         if shape == "batch2":
-            with pytest.warns(UserWarning, match="without reuse"):
-                out = bamba.generate(prompt, past_key_values=fuzz_cache, **settings)
+            bypassed = fuzz_cache.stats()["bypassed_calls"]
+            out = bamba.generate(prompt, past_key_values=fuzz_cache, **settings)
             assert _store_view(fuzz_cache) == before
+            assert fuzz_cache.stats()["bypassed_calls"] == bypassed + 1
         else:
             out = bamba.generate(prompt, past_key_values=fuzz_cache, **settings)
         reference = bamba.generate(prompt.long().reshape(-1, prompt.shape[-1]),
                                    past_key_values=DynamicCache(config=bamba.config), **settings)
         assert torch.equal(out, reference)
-    elif shape != "batch2":
+    elif shape == "batch2":
+        with pytest.raises(MarconiCacheError, match="one sequence"):
+            with fuzz_cache.request(prompt):
+                pass
+        assert _store_view(fuzz_cache) == before
+    else:
         with fuzz_cache.request(prompt) as call:
             logits = bamba(call.input_ids[:, call.prefilled:], past_key_values=fuzz_cache).logits[0, -1]
         full = bamba(prompt.long().reshape(1, -1)).logits[0, -1]

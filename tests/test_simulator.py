@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_marconi.costs import preset
+from hf_marconi.presets import preset
 from hf_marconi.policies import AlphaTuner, BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy
 from hf_marconi.simulator import simulate
 from hf_marconi.trace import Request

@@ -7,9 +7,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
 from conftest import skip_unless_available
-from hf_marconi.fixes import registry
+from hf_marconi import support
 from hf_marconi.testing import (
-    ALL_FAMILIES, FAMILIES, build_model, family_spec, is_supported, make_config,
+    ALL_FAMILIES, FAMILIES, build_model, cache_keyword, family_spec, is_supported, make_config,
 )
 
 # Families with only one kind of layer: the controls.
@@ -52,7 +52,7 @@ def test_forward_runs_and_fills_the_cache(family):
     cache = DynamicCache(config=model.config)
     ids = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = model(ids, **{family_spec(family).cache_argument: cache}, use_cache=True).logits
+        logits = model(ids, **{cache_keyword(family): cache}, use_cache=True).logits
     assert logits.shape == (1, 5, model.config.vocab_size)
     assert torch.isfinite(logits).all()
     if family not in PURE_RECURRENT:
@@ -66,5 +66,5 @@ def test_unknown_family_names_the_known_ones():
 
 def test_is_supported_follows_check_supported(monkeypatch):
     assert all(is_supported(family) for family in FAMILIES)
-    monkeypatch.setattr(registry, "installed_transformers_version", lambda: Version("5.0.0"))
+    monkeypatch.setattr(support, "installed_transformers_version", lambda: Version("5.0.0"))
     assert not is_supported("llama")

@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from packaging.specifiers import SpecifierSet
+
+from ..conventions import CACHE_KEYWORDS, find_cache
+from .base import Fix
 from .errors import UnsupportedModelError
 
 # The functions of transformers' Jamba module the corrected forward calls. They dispatch to mamba-ssm /
@@ -67,42 +71,44 @@ def _previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.
 def jamba_mixer_forward(
     mixer: nn.Module,
     hidden_states: torch.Tensor,
-    cache_params=None,
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """transformers' ``JambaMambaMixer.forward`` (layered cache API, 5.17 to 5.23) with the cached SSM state honoured.
+    """transformers' ``JambaMambaMixer.forward`` (layered cache API, 5.17 to 5.24) with the cached SSM state honoured.
 
     Identical to the original except in the multi-token ("full sequence") branch: when the cache holds a
-    recurrent state for this layer, the scan's output and final state get the initial-state correction.
+    recurrent state for this layer, the scan's output and final state get the initial-state correction. The cache
+    comes under the release's keyword (``cache_params`` before 5.24, ``cache`` from 5.24).
 
     hidden_states: (batch, seq_len, hidden_size) -> (batch, seq_len, hidden_size).
     """
+    cache = find_cache(kwargs)
+    kwargs = {name: value for name, value in kwargs.items() if name not in CACHE_KEYWORDS}
     kernels = sys.modules[type(mixer).__module__]
     seq_len = hidden_states.shape[1]
     dtype = hidden_states.dtype
-    conv_state, recurrent_state = _previous_states(cache_params, mixer.layer_idx)
+    conv_state, recurrent_state = _previous_states(cache, mixer.layer_idx)
 
     hidden_states = kernels.apply_mask_to_padding_states(hidden_states, attention_mask)
     projected_states = mixer.in_proj(hidden_states).transpose(1, 2)
     A = -torch.exp(mixer.A_log.float())
     hidden_states_B_C, gate = projected_states.chunk(2, dim=1)
 
-    if conv_state is not None and seq_len == 1 and not cache_params.layers[mixer.layer_idx].record_past:
+    if conv_state is not None and seq_len == 1 and not cache.is_recording_past(mixer.layer_idx):
         hidden_states_B_C = kernels.causal_conv1d_update(
             hidden_states_B_C, conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
             activation=mixer.activation,
         )
     else:
-        if cache_params is not None:
-            hidden_states_B_C = cache_params.update_conv_state(
+        if cache is not None:
+            hidden_states_B_C = cache.update_conv_state(
                 hidden_states_B_C, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size
             )
         hidden_states_B_C = kernels.causal_conv1d_fn(
             hidden_states_B_C, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation,
             **kwargs,
         )
-        if cache_params is not None:
+        if cache is not None:
             hidden_states_B_C = hidden_states_B_C[:, :, -seq_len:]
 
     hidden_states_B_C = kernels.apply_mask_to_padding_states(hidden_states_B_C.transpose(1, 2), attention_mask)
@@ -124,7 +130,7 @@ def jamba_mixer_forward(
             mixer.D, z=gate[..., 0], dt_bias=time_proj_bias, dt_softplus=True,
         ).unsqueeze(-1)
     else:
-        output_final_state = cache_params is not None
+        output_final_state = cache is not None
         scan_result = kernels.mamba_selective_scan(
             hidden_states_B_C.transpose(1, 2), time_step, A, B.transpose(1, 2), C.transpose(1, 2),
             D=mixer.D.float(), z=gate, delta_bias=time_proj_bias, delta_softplus=True,
@@ -141,7 +147,7 @@ def jamba_mixer_forward(
                 )
                 scan_output = scan_output + (y_correction * F.silu(gate.to(y_correction.dtype))).to(scan_output.dtype)
                 final_state = final_state + state_correction.to(final_state.dtype)
-            cache_params.update_recurrent_state(final_state, mixer.layer_idx)
+            cache.update_recurrent_state(final_state, mixer.layer_idx)
         else:
             scan_output = scan_result
 
@@ -185,3 +191,13 @@ def install_jamba_mixer_fix(model: nn.Module) -> int:
         if getattr(mixer.forward, "__func__", None) is not _CORRECTED_FORWARD:
             mixer.forward = types.MethodType(_CORRECTED_FORWARD, mixer)
     return len(mixers)
+
+
+JAMBA_INITIAL_STATE = Fix(
+    name="jamba_mamba1_initial_state",
+    # Verified wrong on 5.23 and 5.24 (the 5.24 mixer differs only by the `cache` keyword).
+    broken_in=SpecifierSet(">=5.15"),
+    check=check_jamba_fix_applies,
+    install=install_jamba_mixer_fix,
+    why="the Mamba1 selective scan of a multi-token continuation starts from a zero state, ignoring the cached one",
+)

@@ -1,6 +1,6 @@
 """Default ``position_ids`` that continue from the cache, for model forwards that restart them at 0.
 
-Bamba's model forward (transformers 5.x) defaults ``position_ids`` to ``arange(seq_len)`` whatever the cache
+Bamba's model forward (transformers 5.x, 5.24 included) defaults ``position_ids`` to ``arange(seq_len)`` whatever the cache
 already holds, so a forward that continues from a populated cache without explicit positions rotates its
 attention queries and keys as if the sequence started again: every continuation is wrong (~1e-1 relative in
 the zoo's float64 Bamba) while the Mamba layers are exact. ``generate()`` passes explicit positions and is
@@ -15,7 +15,11 @@ import inspect
 
 import torch
 from torch import nn
+from packaging.specifiers import SpecifierSet
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..conventions import find_cache
+from .base import Fix
 
 
 def _cached_length(cache: Cache | None) -> int:
@@ -41,7 +45,7 @@ def _with_cache_aware_positions(forward):
             reference = arguments.get("input_ids")
             if reference is None:
                 reference = arguments["inputs_embeds"]
-            past = _cached_length(arguments.get("past_key_values"))
+            past = _cached_length(find_cache(arguments))
             positions = torch.arange(past, past + reference.shape[1], device=reference.device)
             arguments["position_ids"] = positions.unsqueeze(0)
         return forward(**arguments)
@@ -58,3 +62,19 @@ def install_cache_aware_positions(model: nn.Module, base_model_class: type[nn.Mo
         if not getattr(module.forward, "cache_aware_positions", False):
             module.forward = _with_cache_aware_positions(module.forward)
     return len(targets)
+
+
+def _install_bamba_positions(model: nn.Module) -> int:
+    from transformers.models.bamba.modeling_bamba import BambaModel
+
+    return install_cache_aware_positions(model, BambaModel)
+
+
+BAMBA_POSITIONS = Fix(
+    name="bamba_cache_aware_position_ids",
+    # Verified wrong on 5.23 and 5.24.
+    broken_in=SpecifierSet(">=5.15"),
+    check=lambda model: None,
+    install=_install_bamba_positions,
+    why="the model forward defaults position_ids to arange(seq_len), ignoring the cached length",
+)

@@ -11,7 +11,6 @@
 from .detect import KernelReport, KernelUse, PackageStatus, kernel_report, package_status
 from .offload import PendingPayload, StateMover, map_payload
 from .single_pass import (
-    SPLITTABLE_MIXERS,
     BranchCapture,
     capture_branch_states,
     recurrent_mixers,
@@ -20,7 +19,6 @@ from .single_pass import (
 )
 
 __all__ = [
-    "SPLITTABLE_MIXERS",
     "BranchCapture",
     "KernelReport",
     "KernelUse",

@@ -24,14 +24,13 @@ Supported: the Mamba2 (SSD) mixers of Mamba2, Bamba, NemotronH, FalconH1, Granit
 delta nets of Qwen3-Next, Qwen3.5 and OLMo-hybrid, Kimi's delta attention and LFM2's short convolution: mixers
 whose multi-token continuation from the cache is exact, so that splitting them changes nothing but where the
 states are copied. Not split: Jamba's Mamba1 mixer (its continuation is only right with hf_marconi's
-initial-state fix installed on the instance, which a class-name registry cannot see) and sliding-window
+initial-state fix installed on the instance, which its family record leaves out of ``splittable_mixers``) and sliding-window
 attention (the window at ``b`` is not what the live cache holds after the forward): :func:`single_pass_prefill`
 returns None for those models and the caller falls back to two-pass capture.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,37 +40,19 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from ..families import splittable_mixer_classes
 from ..states import DeviceSpec, StateCheckpoint, StateLayout, map_payload
 
 if TYPE_CHECKING:
     from ..cache import MarconiCache
 
-# Mixer classes whose forward(hidden_states, cache_params=..., attention_mask=..., **kwargs) reads and writes the
-# conv + recurrent state of exactly its own `layer_idx`, and continues exactly from them.
-SPLITTABLE_MIXERS: frozenset[str] = frozenset(
-    {
-        # Mamba2 / SSD chunked scan
-        "Mamba2Mixer",
-        "BambaMixer",
-        "NemotronHMamba2Mixer",
-        "FalconH1Mixer",
-        "GraniteMoeHybridMambaLayer",
-        "Zamba2MambaMixer",
-        # gated delta rule / Kimi delta attention (chunked scans of 64 tokens), short convolution
-        "Qwen3NextGatedDeltaNet",
-        "Qwen3_5GatedDeltaNet",
-        "OlmoHybridGatedDeltaNet",
-        "KimiLinearDeltaAttention",
-        "Lfm2ShortConv",
-    }
-)
-
-
 def recurrent_mixers(model: nn.Module) -> dict[int, nn.Module]:
-    """The splittable mixer of each layer index, for every splittable mixer in ``model``."""
-    return {
-        module.layer_idx: module for module in model.modules() if type(module).__name__ in SPLITTABLE_MIXERS
-    }
+    """The splittable mixer of each layer index, for every splittable mixer in ``model`` (the mixer classes the family
+    records of :mod:`hf_marconi.families` name: forward(hidden_states, <cache keyword>=..., attention_mask=...,
+    **kwargs) reads and writes the conv + recurrent state of exactly its own ``layer_idx``, and continues exactly
+    from them)."""
+    classes = splittable_mixer_classes()
+    return {module.layer_idx: module for module in model.modules() if type(module) in classes}
 
 
 def supports_single_pass(model: nn.Module, layout: StateLayout) -> bool:
@@ -144,7 +125,7 @@ class BranchCapture:
                 if not isinstance(output, torch.Tensor):
                     raise TypeError(
                         f"{type(output).__name__} returned by the mixer of layer {layer_idx}: single-pass capture "
-                        "expects mixers that return one tensor; remove the class from SPLITTABLE_MIXERS"
+                        "expects mixers that return one tensor; remove the class from its family's splittable_mixers"
                     )
                 outputs.append(output)
                 if high < length:
@@ -187,22 +168,6 @@ def capture_branch_states(
                 mixer.forward = previous
 
 
-def prefill_kwargs(cache: "MarconiCache", start: int, end: int, device: torch.device) -> dict[str, Any]:
-    """Keyword arguments of a forward that feeds positions ``start .. end-1`` into the live ``cache``.
-
-    Positions are passed explicitly where the model takes them: some models (Bamba in transformers 5.x) default them
-    to ``arange(L)``, ignoring the cache. Only the last position's logits are computed.
-    """
-    parameters = inspect.signature(cache.model.forward).parameters
-    kwargs: dict[str, Any] = {"use_cache": True}
-    kwargs["cache_params" if cache.uses_cache_params else "past_key_values"] = cache
-    if "position_ids" in parameters and not cache.uses_cache_params:
-        kwargs["position_ids"] = torch.arange(start, end, device=device).unsqueeze(0)
-    if "logits_to_keep" in parameters:
-        kwargs["logits_to_keep"] = 1
-    return kwargs
-
-
 def single_pass_prefill(
     cache: "MarconiCache", input_ids: torch.Tensor, start: int, positions: Sequence[int]
 ) -> dict[int, StateCheckpoint] | None:
@@ -214,15 +179,15 @@ def single_pass_prefill(
     after a forward ending at that position (two-pass capture); positions must lie in ``(start, end]``.
 
     Returns None, having run nothing, when the model has a recurrent layer that cannot be split (see
-    :data:`SPLITTABLE_MIXERS`) or a sliding-window layer: the caller then falls back to two-pass capture.
+    ``hf_marconi.families``) or a sliding-window layer: the caller then falls back to two-pass capture.
     """
     model = cache.model
     if not supports_single_pass(model, cache.layout):
         return None
     end = input_ids.shape[1]
-    chunk = input_ids[:, start:].to(model.device)
+    chunk = input_ids[:, start:].to(cache.input_device)
     with torch.no_grad(), capture_branch_states(model, cache, start, end, positions) as capture:
-        model(input_ids=chunk, **prefill_kwargs(cache, start, end, chunk.device))
+        model(input_ids=chunk, **cache.continuation_kwargs(start, end, chunk.device))
     checkpoints = {p: _moved(checkpoint, cache.storage_device) for p, checkpoint in capture.checkpoints.items()}
     if end in capture.positions:
         checkpoints[end] = cache.layout.take_checkpoint(cache, cache.storage_device)
