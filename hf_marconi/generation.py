@@ -183,7 +183,7 @@ class _Warnings:
     def once(self, reason: str, message: str) -> None:
         if reason not in self._seen:
             self._seen.add(reason)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=5)  # once -> _run_without_reuse -> _generate -> wrapper -> caller
 
 
 _WARN = _Warnings()
@@ -260,20 +260,34 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}; "
             "they must match"
         )
-    with cache.call_lock:
-        cache.check_weights()
-        plan = _plan_call(model, input_ids, kwargs)
-        with cache.active_call():
-            if not plan.reuse:
-                return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
-            call = PrefixCall.begin(cache, input_ids)
-            try:
-                output = _run_generate(cache, original, input_ids, call.prefilled, args, kwargs)
-            except BaseException:
-                call.abort()
-                raise
-            call.finish()
-            return output
+    try:
+        with cache.call_lock:
+            cache.check_weights()
+            plan = _plan_call(model, input_ids, kwargs)
+            with cache.active_call():
+                if not plan.reuse:
+                    return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
+                call = PrefixCall.begin(cache, input_ids)
+                try:
+                    output = _run_generate(cache, original, input_ids, call.prefilled, args, kwargs)
+                except BaseException:
+                    call.abort()
+                    raise
+                call.finish()
+                return output
+    except BaseException:
+        _end_stream(kwargs.get("streamer"))
+        raise
+
+
+def _end_stream(streamer: Any) -> None:
+    """Close a streamer whose generate raised, so that a consumer iterating it in another thread (e.g. a
+    ``TextIteratorStreamer``) stops instead of waiting forever; the error itself propagates to generate's caller."""
+    if streamer is not None and hasattr(streamer, "end"):
+        try:
+            streamer.end()
+        except Exception:  # the streamer may be half-fed; the generate error is the one to report
+            logger.debug("ending the streamer after a failed generate raised too", exc_info=True)
 
 
 def _run_without_reuse(

@@ -18,11 +18,12 @@ t's input and output.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from .cache import MarconiCache
@@ -261,6 +262,30 @@ class ChatSession:
         self.last_prompt_ids, self.last_reply_ids = prompt, reply_ids
         self.token_ids = prompt + reply_ids
         return reply
+
+    def stream(self, content: str, role: str = "user", timeout_s: float = 600.0, **generate_kwargs: Any) -> Iterator[str]:
+        """Like :meth:`send`, yielding the reply's text piece by piece as it is generated.
+
+        Generation runs in a worker thread; if it raises, the iteration ends with that error (never a silent stop or
+        a hang). ``timeout_s`` bounds the wait for each piece.
+        """
+        streamer = TextIteratorStreamer(self.pipeline.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=timeout_s)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.send(content, role=role, streamer=streamer, **generate_kwargs)
+            except BaseException as error:  # re-raised in the consumer below
+                failure.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="hf_marconi-chat-stream", daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join(timeout=timeout_s)
+        if failure:
+            raise failure[0]
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return self.pipeline.tokenizer.apply_chat_template(

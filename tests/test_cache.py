@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -47,10 +49,13 @@ def _uncached(model, prompt: torch.Tensor, **settings):
     return model.generate(prompt, **{cache_keyword_of(model): DynamicCache(config=model.config)}, **settings)
 
 
-def _generate_both(model, cache: MarconiCache, prompt: torch.Tensor):
+def _generate_both(model, cache: MarconiCache, prompt: torch.Tensor, keyword: str = "past_key_values"):
+    """Cached generation (the cache passed as ``keyword``) equals uncached; no deprecation warning on any release."""
     settings = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True,
                     pad_token_id=0, eos_token_id=None)
-    cached = model.generate(prompt, past_key_values=cache, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        cached = model.generate(prompt, **{keyword: cache}, **settings)
     reference = _uncached(model, prompt, **settings)
     assert torch.equal(cached.sequences, reference.sequences), "cached greedy output differs from uncached"
     tolerance = 1e-4 if model.dtype == torch.float32 else 1e-9
@@ -68,14 +73,19 @@ def model(request):
     return build_model(request.param)
 
 
-def test_multi_turn_reuses_input_and_output(model):
+# Both spellings on every declared release: `past_key_values=` (what existing code passes) and 5.24's `cache=`.
+KEYWORDS = ["past_key_values", "cache"]
+
+
+@pytest.mark.parametrize("keyword", KEYWORDS)
+def test_multi_turn_reuses_input_and_output(model, keyword):
     cache = MarconiCache(model, capacity_bytes=CAPACITY)
     fed = FedTokens(model)
     history = _random_tokens(20, seed=1)
     for turn in range(3):
         prompt = torch.cat([history, _random_tokens(11, seed=10 + turn)], dim=-1) if turn else history
         before = cache.stats()
-        history = _generate_both(model, cache, prompt)
+        history = _generate_both(model, cache, prompt, keyword)
         fed_cached = None
         after = cache.stats()
         if turn:
@@ -92,8 +102,9 @@ def test_multi_turn_reuses_input_and_output(model):
     fed.handle.remove()
 
 
+@pytest.mark.parametrize("keyword", KEYWORDS)
 @pytest.mark.parametrize("capture", ["single_pass", "two_pass"])
-def test_shared_system_prompt_hits_from_third_occurrence(model, capture):
+def test_shared_system_prompt_hits_from_third_occurrence(model, capture, keyword):
     cache = MarconiCache(model, capacity_bytes=CAPACITY, capture=capture)
     system = _random_tokens(24, seed=2)
     hits = []
@@ -102,7 +113,7 @@ def test_shared_system_prompt_hits_from_third_occurrence(model, capture):
         user[0, 0] = 3 + i  # distinct first tokens: the requests diverge exactly at the end of the system prompt
         prompt = torch.cat([system, user], dim=-1)
         before = cache.stats()["hit_tokens"]
-        _generate_both(model, cache, prompt)
+        _generate_both(model, cache, prompt, keyword)
         hits.append(cache.stats()["hit_tokens"] - before)
     assert hits[:2] == [0, 0]
     assert hits[2] == hits[3] == system.shape[1]

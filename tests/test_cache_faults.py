@@ -127,12 +127,14 @@ def test_beam_search_and_assisted_decoding_are_refused(bamba, warm_cache):
 def test_batch_above_one_runs_without_reuse(bamba, warm_cache):
     prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     before = _store_state(warm_cache)
-    with pytest.warns(UserWarning, match="without reuse"):
-        out = bamba.generate(prompts, past_key_values=warm_cache, **SETTINGS)
+    bypassed = warm_cache.stats()["bypassed_calls"]
+    out = bamba.generate(prompts, past_key_values=warm_cache, **SETTINGS)
+    assert warm_cache.stats()["bypassed_calls"] == bypassed + 1
     assert torch.equal(out, bamba.generate(prompts, past_key_values=DynamicCache(config=bamba.config), **SETTINGS))
     assert _store_state(warm_cache) == before
 
 
+@pytest.mark.timeout(300)
 def test_threads_share_one_cache(bamba):
     cache = MarconiCache(bamba, capacity_bytes=8 * 2**20)
     rng = random.Random(3)

@@ -80,6 +80,7 @@ def test_reply_without_eos_keeps_every_generated_id(model, tokenizer):
     assert pipe.cache.last_call.reused == len(first) - 1
 
 
+@pytest.mark.timeout(120)
 def test_streaming_by_iterator_and_callback_give_the_reply(pipe, tokenizer):
     chat = pipe.chat()
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -91,6 +92,56 @@ def test_streaming_by_iterator_and_callback_give_the_reply(pipe, tokenizer):
     streamed = "".join(streamer)
     worker.join(timeout=60)
     assert result["reply"] == streamed == "".join(pieces)
+
+
+class _FailOnForward:
+    """A forward pre-hook that raises on the n-th forward (a fault in the middle of generate)."""
+
+    def __init__(self, model, at: int):
+        self.at, self.seen = at, 0
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        self.seen += 1
+        if self.seen == self.at:
+            raise RuntimeError("injected fault in forward")
+
+
+@pytest.mark.timeout(120)
+def test_a_streamer_whose_generate_raised_ends_instead_of_hanging(pipe, tokenizer):
+    """A TextIteratorStreamer consumed in another thread stops when generate raises (the consumer would otherwise
+    wait forever); the error reaches generate's caller."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
+    fault = _FailOnForward(pipe.model, at=3)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            pipe.chat().send("This will fail", streamer=streamer)
+        except RuntimeError as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        "".join(streamer)  # ends (does not wait for a timeout) once generate has raised
+    finally:
+        worker.join(timeout=60)
+        fault.handle.remove()
+    assert "injected fault" in str(outcome["error"])
+
+
+@pytest.mark.timeout(120)
+def test_chat_stream_yields_the_reply_and_ends_with_generates_error(pipe, tokenizer):
+    chat = pipe.chat()
+    assert "".join(chat.stream("Stream this")) == tokenizer.decode(chat.last_reply_ids, skip_special_tokens=True)
+    fault = _FailOnForward(pipe.model, at=2)
+    try:
+        with pytest.raises(RuntimeError, match="injected fault"):
+            for _ in chat.stream("and fail"):
+                pass
+    finally:
+        fault.handle.remove()
 
 
 def test_text_generation_equals_uncached(pipe, tokenizer):

@@ -394,6 +394,7 @@ def test_long_soak_every_request_real(bamba):
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
+@pytest.mark.timeout(300)
 def test_eight_threads_check_against_uncached_while_a_ninth_saves(bamba, tmp_path):
     """Each thread holds its own conversation (half share a system prompt) and checks every output against uncached
     generation, run in the same thread on a twin of the model (same weights), so that the uncached forwards exercise
@@ -450,6 +451,7 @@ def test_eight_threads_check_against_uncached_while_a_ninth_saves(bamba, tmp_pat
     reloaded.check_invariants()
 
 
+@pytest.mark.timeout(300)
 def test_other_thread_forward_of_the_same_model_during_a_capture():
     """Deterministic interleaving: while a cached call captures a branch state, another thread runs a plain forward
     of the same model instance with its own DynamicCache; it must compute as if no capture were running."""
@@ -643,7 +645,20 @@ def test_prompt_with_the_padding_id_and_no_attention_mask_equals_uncached(bamba)
     cache = MarconiCache(bamba, capacity_bytes=2**22)
     bamba.generate(torch.tensor([prefix]), past_key_values=cache, max_new_tokens=1, **settings)
     prompt = torch.tensor([prefix + [0]])
-    with pytest.warns(UserWarning, match="without reuse"):
-        cached = bamba.generate(prompt, past_key_values=cache, max_new_tokens=2, **settings)
-    uncached = bamba.generate(prompt, past_key_values=DynamicCache(config=bamba.config), max_new_tokens=2, **settings)
+    cached = bamba.generate(prompt, past_key_values=cache, max_new_tokens=2, **settings)
+    assert cache.stats()["bypassed_calls"] == 1
+    uncached = bamba.generate(prompt, max_new_tokens=2, **settings)
     assert torch.equal(cached, uncached)
+
+
+def test_padding_id_equal_to_eos_is_not_taken_for_padding(bamba):
+    """Many real configs set pad == EOS. transformers then infers no padding from a prompt holding that id (a
+    multi-turn prompt holds the earlier turns' EOS), so neither does the cache: the call reuses, and equals uncached."""
+    settings = dict(do_sample=False, pad_token_id=2, eos_token_id=2)
+    cache = MarconiCache(bamba, capacity_bytes=2**22)
+    first = bamba.generate(torch.tensor([[18, 77, 102, 160, 113, 166, 27, 54]]), past_key_values=cache,
+                           max_new_tokens=3, **settings)
+    prompt = torch.cat([first, torch.tensor([[2, 40, 41, 42]])], dim=-1)  # the earlier turn closed with EOS
+    cached = bamba.generate(prompt, past_key_values=cache, max_new_tokens=3, **settings)
+    assert cache.stats()["bypassed_calls"] == 0 and cache.stats()["hits"] == 1
+    assert torch.equal(cached, bamba.generate(prompt, max_new_tokens=3, **settings))

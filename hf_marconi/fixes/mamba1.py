@@ -14,7 +14,7 @@ and prod_{s<=t} exp(dt_s A) = exp(A * cumsum_{s<=t} dt_s). The gate ``silu(z)`` 
 from __future__ import annotations
 
 import sys
-import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 from packaging.specifiers import SpecifierSet
 
 from ..conventions import CACHE_KEYWORDS, find_cache
-from .base import Fix
+from .base import Fix, patch_forward
 from .errors import UnsupportedModelError
 
 # The functions of transformers' Jamba module the corrected forward calls. They dispatch to mamba-ssm /
@@ -181,6 +181,11 @@ def _hooked(forward):
 _CORRECTED_FORWARD = _hooked(jamba_mixer_forward)
 
 
+def corrected_jamba_forward(mixer: nn.Module, forward: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The patch installed on each Jamba mixer (it replaces ``forward`` whole)."""
+    return _CORRECTED_FORWARD(mixer, *args, **kwargs)
+
+
 def install_jamba_mixer_fix(model: nn.Module) -> int:
     """Replace the forward of every Jamba Mamba mixer in ``model`` (this instance only), skipping those already
     corrected. Returns how many mixers the model has."""
@@ -188,8 +193,7 @@ def install_jamba_mixer_fix(model: nn.Module) -> int:
 
     mixers = [module for module in model.modules() if isinstance(module, JambaMambaMixer)]
     for mixer in mixers:
-        if getattr(mixer.forward, "__func__", None) is not _CORRECTED_FORWARD:
-            mixer.forward = types.MethodType(_CORRECTED_FORWARD, mixer)
+        patch_forward(mixer, corrected_jamba_forward)
     return len(mixers)
 
 

@@ -10,8 +10,8 @@ the way the other families do: ``arange(past, past + seq_len)`` with ``past = ca
 
 from __future__ import annotations
 
-import functools
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from packaging.specifiers import SpecifierSet
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..conventions import find_cache
-from .base import Fix
+from .base import Fix, patch_forward
 
 
 def _cached_length(cache: Cache | None) -> int:
@@ -29,38 +29,32 @@ def _cached_length(cache: Cache | None) -> int:
     return cache.get_seq_length()
 
 
-def _with_cache_aware_positions(forward):
-    """Wrap a base-model forward so a missing ``position_ids`` starts at the cache's length."""
+def cache_aware_positions(module: nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """A base-model forward whose missing ``position_ids`` start at the cache's length (installed as an
+    :class:`~.base.InstanceForward` patch; ``forward`` is the module's unpatched forward)."""
     signature = inspect.signature(forward)
     extra_keywords = next(
         (name for name, parameter in signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD), None
     )
-
-    @functools.wraps(forward)
-    def forward_with_positions(*args, **kwargs):
-        # Everything by keyword: transformers' forward decorators inject keywords of their own.
-        arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-        arguments.update(arguments.pop(extra_keywords, {}) if extra_keywords else {})
-        if arguments.get("position_ids") is None:
-            reference = arguments.get("input_ids")
-            if reference is None:
-                reference = arguments["inputs_embeds"]
-            past = _cached_length(find_cache(arguments))
-            positions = torch.arange(past, past + reference.shape[1], device=reference.device)
-            arguments["position_ids"] = positions.unsqueeze(0)
-        return forward(**arguments)
-
-    forward_with_positions.cache_aware_positions = True
-    return forward_with_positions
+    # Everything by keyword: transformers' forward decorators inject keywords of their own.
+    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+    arguments.update(arguments.pop(extra_keywords, {}) if extra_keywords else {})
+    if arguments.get("position_ids") is None:
+        reference = arguments.get("input_ids")
+        if reference is None:
+            reference = arguments["inputs_embeds"]
+        past = _cached_length(find_cache(arguments))
+        positions = torch.arange(past, past + reference.shape[1], device=reference.device)
+        arguments["position_ids"] = positions.unsqueeze(0)
+    return forward(**arguments)
 
 
 def install_cache_aware_positions(model: nn.Module, base_model_class: type[nn.Module]) -> int:
-    """Wrap the forward of every ``base_model_class`` module inside ``model`` (this instance only), skipping
-    those already wrapped. Returns how many such modules the model has."""
+    """Patch the forward of every ``base_model_class`` module inside ``model`` (this instance only), skipping
+    those already patched. Returns how many such modules the model has."""
     targets = [module for module in model.modules() if isinstance(module, base_model_class)]
     for module in targets:
-        if not getattr(module.forward, "cache_aware_positions", False):
-            module.forward = _with_cache_aware_positions(module.forward)
+        patch_forward(module, cache_aware_positions)
     return len(targets)
 
 

@@ -1,0 +1,200 @@
+"""Ways to misuse a model with a MarconiCache installed: each works (same tokens as without the cache) or is refused
+with a clear error before the model or the store changes. Never a wrong token."""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.generation import GenerationMixin
+
+from hf_marconi import MarconiCache, MarconiCacheError, conventions
+from hf_marconi.kernels import recurrent_mixers
+from hf_marconi.testing import build_model, cache_keyword
+
+CAPACITY = 32 * 2**20
+SETTINGS = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+def _tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 250, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _uncached(model, prompt: torch.Tensor, **settings) -> torch.Tensor:
+    keyword = cache_keyword("mamba2" if model.config.model_type == "mamba2" else "bamba")
+    return model.generate(prompt, **{keyword: DynamicCache(config=model.config)}, **dict(SETTINGS, **settings))
+
+
+def _store_view(cache: MarconiCache) -> tuple:
+    return cache.store.nbytes, cache.stats()["lookups"], tuple(sorted(cache.store.tree.checkpointed_prefixes()))
+
+
+@pytest.fixture()
+def warmed():
+    """A Bamba model and a cache holding one conversation turn."""
+    model = build_model("bamba")
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    first = model.generate(_tokens(20, 1), past_key_values=cache, **SETTINGS)
+    return model, cache, first
+
+
+@pytest.mark.parametrize("keyword", ["past_key_values", "cache"])
+def test_direct_generation_mixin_call_is_refused_before_anything_runs(warmed, keyword):
+    """GenerationMixin.generate(model, ...) bypasses the instance's wrapper: without the guard it would continue the
+    previous call's live states (wrong tokens, no error). It is refused before any forward runs."""
+    model, cache, first = warmed
+    before = _store_view(cache)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' own notice for a past_key_values= call
+            with pytest.raises(ValueError) as raised:
+                GenerationMixin.generate(model, _tokens(9, 2), **{keyword: cache}, **SETTINGS)
+    finally:
+        handle.remove()
+    # transformers before 5.24 refuses the unknown `cache` keyword itself; otherwise hf_marconi's guard refuses.
+    if keyword == conventions.cache_keyword("past_key_values"):
+        assert isinstance(raised.value, MarconiCacheError) and "model.generate" in str(raised.value)
+    assert forwards == [] and _store_view(cache) == before
+    prompt = torch.cat([first, _tokens(5, 3)], dim=-1)
+    assert torch.equal(model.generate(prompt, past_key_values=cache, **SETTINGS), _uncached(model, prompt))
+
+
+def test_num_return_sequences_after_a_hit_equals_uncached_sampling(warmed):
+    model, cache, first = warmed
+    prompt = torch.cat([first, _tokens(5, 4)], dim=-1)
+    before = _store_view(cache)
+    settings = dict(do_sample=True, num_return_sequences=2, max_new_tokens=5)
+    torch.manual_seed(11)
+    cached = model.generate(prompt, past_key_values=cache, **dict(SETTINGS, **settings))
+    torch.manual_seed(11)
+    assert torch.equal(cached, _uncached(model, prompt, **settings))
+    assert cache.stats()["bypassed_calls"] == 1
+    assert cache.store.nbytes == before[0], "a call without reuse admits nothing"
+
+
+@pytest.mark.parametrize("how", ["forward", "module"])
+def test_compiled_forward_is_refused_before_anything_runs(warmed, how):
+    model, cache, _ = warmed
+    before = _store_view(cache)
+    if how == "forward":
+        model.forward = torch.compile(model.forward)
+    else:
+        model.compile()
+    with pytest.raises(ValueError, match="torch.compile"):
+        model.generate(_tokens(9, 5), past_key_values=cache, **SETTINGS)
+    assert _store_view(cache) == before
+
+
+def _copies(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return {"deepcopy": copy.deepcopy(model), "torch.save": torch.load(buffer, weights_only=False)}
+
+
+@pytest.mark.parametrize("family", ["bamba", "jamba"])  # both carry a per-instance fix
+def test_copies_of_a_model_with_a_cache_generate_as_the_original(family, tmp_path):
+    model = build_model(family)
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    prompt = _tokens(14, 6)
+    first = model.generate(prompt, past_key_values=cache, **SETTINGS)
+    model.save_pretrained(tmp_path)  # works with the hooks and wrappers installed
+    assert (tmp_path / "config.json").exists()
+    for name, duplicate in _copies(model).items():
+        assert duplicate.generate.model is duplicate, name
+        assert torch.equal(duplicate.generate(prompt, **SETTINGS), first), name
+        with pytest.raises(MarconiCacheError, match="another model instance"):
+            duplicate.generate(prompt, past_key_values=cache, **SETTINGS)
+        # The copy's fixes patch the copy: a cache of its own continues exactly.
+        own = MarconiCache(duplicate, capacity_bytes=CAPACITY)
+        duplicate.generate(prompt, past_key_values=own, **SETTINGS)
+        longer = torch.cat([first, _tokens(4, 7)], dim=-1)
+        assert torch.equal(duplicate.generate(longer, past_key_values=own, **SETTINGS), _uncached(model, longer))
+        assert own.stats()["hits"] == 1, name
+
+
+@pytest.mark.timeout(300)
+def test_two_caches_on_one_model_in_two_threads_capture_without_interference():
+    """Two caches of one model share its mixers; their calls are serialised by the model's lock, so single-pass
+    captures never see each other's forwards and no split wrapper is left behind."""
+    model = build_model("bamba")
+    caches = [MarconiCache(model, capacity_bytes=CAPACITY) for _ in range(2)]
+    system = _tokens(16, 8)
+    errors: list[BaseException] = []
+    outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def worker(index: int) -> None:
+        try:
+            for turn in range(4):
+                prompt = torch.cat([system, _tokens(6, 100 * index + turn)], dim=-1)
+                outputs[(index, turn)] = (prompt, model.generate(prompt, past_key_values=caches[index], **SETTINGS))
+        except BaseException as error:  # surfaced in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not any(thread.is_alive() for thread in threads), "a worker hung"
+    if errors:
+        raise errors[0]
+    for prompt, output in outputs.values():
+        assert torch.equal(output, _uncached(model, prompt))
+    assert all(cache.stats()["hits_purely_input"] >= 1 for cache in caches), "each cache captured its branch point"
+    assert all("forward" not in vars(mixer) for mixer in recurrent_mixers(model).values())
+
+
+@pytest.mark.parametrize("dispatch", ["cpu_offload", "dispatch_model"])
+def test_models_dispatched_with_accelerate_reuse_and_match_uncached(dispatch):
+    from accelerate import cpu_offload, dispatch_model
+
+    model = build_model("bamba")
+    reference = build_model("bamba")
+    if dispatch == "cpu_offload":
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        assert next(model.parameters()).device.type == "meta"
+    else:
+        dispatch_model(model, device_map={"": "cpu"})
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    sequence = _tokens(15, 9)
+    for turn in range(3):
+        prompt = torch.cat([sequence, _tokens(4, 20 + turn)], dim=-1) if turn else sequence
+        sequence = model.generate(prompt, past_key_values=cache, **SETTINGS)
+        assert torch.equal(sequence, _uncached(reference, prompt))
+    assert cache.stats()["hits"] == 2
+
+
+@pytest.mark.parametrize("keyword", ["past_key_values", "cache"])
+def test_continuing_by_hand_from_the_returned_cache(warmed, keyword):
+    """generate returns the MarconiCache holding the call's live states, as it returns a DynamicCache: a forward of
+    the next token from it gives the logits of a full forward."""
+    model, cache, first = warmed
+    prompt = torch.cat([first, _tokens(5, 10)], dim=-1)
+    output = model.generate(prompt, past_key_values=cache, return_dict_in_generate=True, **SETTINGS)
+    returned = output.cache if hasattr(output, "cache") else output.past_key_values
+    assert returned is cache and cache.get_seq_length() == output.sequences.shape[1] - 1
+    with torch.no_grad():
+        logits = model(output.sequences[:, -1:], **{keyword: returned}).logits[0, -1]
+        full = model(output.sequences).logits[0, -1]
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+
+
+def test_no_deprecation_warning_from_hf_marconi_calls(warmed):
+    """Whatever spelling the caller uses, hf_marconi hands the cache to transformers under the installed release's
+    keyword: no FutureWarning reaches the user from its generate, request, capture or forward calls."""
+    model, cache, first = warmed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for keyword in ("past_key_values", "cache"):
+            model.generate(torch.cat([first, _tokens(3, 12)], dim=-1), **{keyword: cache}, **SETTINGS)
+            prompt = _tokens(18, 13)
+            with cache.request(prompt) as call:
+                model(prompt[:, call.prefilled:], **{keyword: cache})
