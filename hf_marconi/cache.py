@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from . import conventions, generation
-from .families import cache_keyword_of, cost_model
+from .families import cache_keyword_of, cost_model, family_of
 from .policies import WIDE_ALPHA_GRID, AlphaTuner, Policy, make_policy
 from .states import DeviceSpec, StateLayout
 from .store import PrefixStore, StateSizes
@@ -142,6 +142,8 @@ class MarconiCache(DynamicCache):
         self.capture = capture
         # The keyword the installed transformers' forward and generate take this model's cache by.
         self.keyword = cache_keyword_of(model)
+        # No attention layer at all (pure Mamba models): the cache counts no tokens itself.
+        self.pure_recurrent = family_of(model).pure_recurrent
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self._measure()
         if isinstance(policy, str):

@@ -199,19 +199,26 @@ class CallPlan:
     uncached: bool = False
 
 
-def _plan_call(model: "PreTrainedModel", input_ids: torch.Tensor, kwargs: dict[str, Any]) -> CallPlan:
+def _plan_call(
+    model: "PreTrainedModel", cache: "MarconiCache", input_ids: torch.Tensor, kwargs: dict[str, Any]
+) -> CallPlan:
     if conventions.generate_setting(model, kwargs, "use_cache", True) is False:
         return CallPlan(reuse=False, without_reuse="use_cache=False", uncached=True)
     if input_ids.shape[0] != 1:
         return CallPlan(reuse=False, without_reuse="batch size > 1")
+    for name in ("output_hidden_states", "output_attentions"):
+        if conventions.generate_setting(model, kwargs, name, False):
+            return CallPlan(reuse=False, without_reuse=f"{name}=True (restored positions have no hidden states or "
+                                                        "attentions to return)")
     if conventions.generate_setting(model, kwargs, "num_return_sequences", 1) > 1:
         return CallPlan(reuse=False, without_reuse="num_return_sequences > 1")
     if _may_be_padded(model, input_ids, kwargs.get("attention_mask"), kwargs):
         return CallPlan(reuse=False, without_reuse="a padded prompt")
+
     return CallPlan(reuse=True)
 
 
-def _refuse_unsupported_modes(model: "PreTrainedModel", kwargs: dict[str, Any]) -> None:
+def _refuse_unsupported_modes(model: "PreTrainedModel", cache: "MarconiCache", kwargs: dict[str, Any]) -> None:
     """Generation modes that rewrite or fork the cache, inputs_embeds, and compiled forwards are refused before
     anything runs."""
     rewriting = conventions.cache_rewriting_settings(model, kwargs)
@@ -222,6 +229,11 @@ def _refuse_unsupported_modes(model: "PreTrainedModel", kwargs: dict[str, Any]) 
         )
     if kwargs.get("inputs_embeds") is not None:
         raise ValueError("a MarconiCache looks prompts up by token ids: pass input_ids, not inputs_embeds")
+    if conventions.generate_setting(model, kwargs, "prefill_chunk_size") is not None and cache.pure_recurrent:
+        raise ValueError(
+            "prefill_chunk_size needs a model with attention layers: transformers' chunked prefill asks the cache "
+            "for its length, which a pure recurrent model's cache does not track (it fails with a DynamicCache too)"
+        )
     if _is_compiled(model):
         raise ValueError(
             "this model's forward is wrapped by torch.compile; a MarconiCache restores and copies live states between "
@@ -247,7 +259,7 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
             f"this MarconiCache belongs to another model instance ({type(cache.model).__name__}, config fingerprint "
             f"{cache.fingerprint}); build one MarconiCache per model"
         )
-    _refuse_unsupported_modes(model, kwargs)
+    _refuse_unsupported_modes(model, cache, kwargs)
     if args:
         input_ids, args = args[0], args[1:]
     else:
@@ -263,13 +275,13 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
     try:
         with cache.call_lock:
             cache.check_weights()
-            plan = _plan_call(model, input_ids, kwargs)
+            plan = _plan_call(model, cache, input_ids, kwargs)
             with cache.active_call():
                 if not plan.reuse:
                     return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
                 call = PrefixCall.begin(cache, input_ids)
                 try:
-                    output = _run_generate(cache, original, input_ids, call.prefilled, args, kwargs)
+                    output = _run_generate(cache, original, input_ids, args, kwargs)
                 except BaseException:
                     call.abort()
                     raise
@@ -338,32 +350,16 @@ def _ids(value: Any) -> list[int]:
 
 
 def _run_generate(
-    cache: "MarconiCache",
-    original: Callable[..., Any],
-    input_ids: torch.Tensor,
-    prefilled: int,
-    args: tuple[Any, ...],
+    cache: "MarconiCache", original: Callable[..., Any], input_ids: torch.Tensor, args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """Run transformers' generate on a live cache that already holds ``prefilled`` prompt tokens."""
-    kwargs = conventions.with_cache(kwargs, cache.keyword, cache)
-    if conventions.generate_skips_cached_prompt(cache):
-        # generate compares the cache length with the prompt and feeds only the tokens past it.
-        return original(input_ids, *args, **kwargs)
-    # A cache without attention layers (pure Mamba models) counts no tokens, and generate feeds it the whole prompt:
-    # feed the suffix ourselves and put the prefix back in front of the returned sequences.
-    if kwargs.get("attention_mask") is not None:
-        kwargs["attention_mask"] = kwargs["attention_mask"][:, prefilled:]
-    output = original(input_ids[:, prefilled:], *args, **kwargs)
-    prefix = input_ids[:, :prefilled].to(_sequences(output).device)
-    if isinstance(output, torch.Tensor):
-        return torch.cat([prefix, output], dim=-1)
-    output.sequences = torch.cat([prefix, output.sequences], dim=-1)
-    return output
+    """Run transformers' generate on a live cache that already holds ``prefilled`` prompt tokens.
 
-
-def _sequences(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.sequences
+    generate sees the whole prompt (so ``max_length``, ``min_length``, penalties and streamers count it) and feeds
+    only the tokens past the cache: by itself where the cache counts tokens (attention layers), else through
+    :class:`PrepareInputs` (pure Mamba models).
+    """
+    return original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache))
 
 
 # ------------------------------------------------------------------------------------------ installed on the model
@@ -416,6 +412,35 @@ class PrepareCacheGuard:
         return (PrepareCacheGuard, (self.model,))
 
 
+class PrepareInputs:
+    """``model.prepare_inputs_for_generation`` (an instance attribute): on the first step of a call through a
+    MarconiCache whose cache counts no tokens (pure Mamba models: generate feeds them the whole prompt), feed only the
+    prompt tokens past the restored prefix, as generate does by itself for caches with attention layers."""
+
+    def __init__(self, model: "PreTrainedModel") -> None:
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        from .cache import MarconiCache
+
+        model = self.model
+        cache = conventions.find_cache(kwargs)
+        skip = 0
+        if (isinstance(cache, MarconiCache) and cache.in_active_call() and kwargs.get("is_first_iteration")
+                and kwargs.get("next_sequence_length") is None and not conventions.generate_skips_cached_prompt(cache)
+                and cache.live_tokens):
+            skip = len(cache.live_tokens)
+            kwargs["next_sequence_length"] = input_ids.shape[1] - skip
+        inputs = type(model).prepare_inputs_for_generation(model, input_ids, *args, **kwargs)
+        mask = inputs.get("attention_mask")
+        if skip and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == input_ids.shape[1]:
+            inputs["attention_mask"] = mask[:, skip:]
+        return inputs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PrepareInputs, (self.model,))
+
+
 def _owning_cache(module: torch.nn.Module, kwargs: dict[str, Any]) -> "MarconiCache | None":
     """The MarconiCache a forward of ``module`` (the model or its base model) passes, if it belongs to that model."""
     from .cache import MarconiCache
@@ -465,6 +490,7 @@ def install(model: "PreTrainedModel") -> None:
         return
     model.generate = GenerateWrapper(model)
     model._prepare_cache_for_generation = PrepareCacheGuard(model)
+    model.prepare_inputs_for_generation = PrepareInputs(model)
     for module in {model, model.base_model}:
         module.register_forward_pre_hook(enter_forward, with_kwargs=True)
         module.register_forward_hook(leave_forward, with_kwargs=True, always_call=True)
