@@ -12,7 +12,11 @@ t's input and output.
     chat = pipe.chat(system="You are terse.")
     print(chat.send("Hello!"))
     print(chat.send("And again?", on_text=lambda piece: print(piece, end="")))   # streamed
-    print(pipe("Once upon a time"))                                                # plain text generation
+    pipe("Once upon a time")             # [{"generated_text": "Once upon a time..."}], as TextGenerationPipeline
+    pipe([{"role": "user", "content": "Hi"}])   # [{"generated_text": [user message, assistant message]}]
+
+Generation settings come from the model's ``generation_config`` (as in transformers' pipelines, with
+``max_new_tokens=256`` where the config sets no length), overridden by the pipeline's defaults and then per call.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer, TextStreamer
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from .cache import MarconiCache
@@ -38,7 +48,11 @@ SIMPLE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-DEFAULT_GENERATE = dict(max_new_tokens=32, do_sample=False)
+# What transformers' text-generation pipeline adds when the model's generation config sets no length.
+PIPELINE_MAX_NEW_TOKENS = 256
+# Capacity of the cache a pipeline builds when given neither a cache nor a capacity.
+DEFAULT_CAPACITY_BYTES = 2**30
+Chat = list[dict[str, str]]
 
 
 def byte_level_tokenizer(chat_template: str = SIMPLE_CHAT_TEMPLATE) -> PreTrainedTokenizerBase:
@@ -142,6 +156,11 @@ class _Fanout(BaseStreamer):
             streamer.end()
 
 
+def _is_chat(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value))
+
+
 class MarconiPipeline:
     """A model, its tokenizer and a MarconiCache: text generation and chat sessions that reuse stored prefixes.
 
@@ -150,8 +169,8 @@ class MarconiPipeline:
         tokenizer: its tokenizer; chat needs a chat template (``tokenizer.chat_template``).
         cache: the MarconiCache to thread through every call; built from ``capacity_bytes`` when None. Several
             pipelines and sessions may share one cache (it is thread-safe).
-        capacity_bytes: capacity of the cache built when ``cache`` is None.
-        **generate_defaults: defaults for ``model.generate`` (greedy, 32 new tokens unless given), overridable per
+        capacity_bytes: capacity of the cache built when ``cache`` is None (default 1 GiB).
+        **generate_defaults: generate settings applied on top of the model's ``generation_config``, overridable per
             call.
     """
 
@@ -164,16 +183,19 @@ class MarconiPipeline:
         **generate_defaults: Any,
     ) -> None:
         if cache is None:
-            if capacity_bytes is None:
-                raise ValueError("pass a MarconiCache as cache=..., or capacity_bytes=... to build one")
-            cache = MarconiCache(model, capacity_bytes=capacity_bytes)
+            capacity = DEFAULT_CAPACITY_BYTES if capacity_bytes is None else capacity_bytes
+            cache = MarconiCache(model, capacity_bytes=capacity)
         elif cache.model is not model:
             raise ValueError("the cache was built for another model instance; build the pipeline with that model")
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
-        self.generate_defaults = dict(DEFAULT_GENERATE, pad_token_id=pad)
+        self.generate_defaults: dict[str, Any] = {}
+        config = model.generation_config
+        if config.max_new_tokens is None and config.max_length == GenerationConfig().max_length:
+            self.generate_defaults["max_new_tokens"] = PIPELINE_MAX_NEW_TOKENS
+        if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            self.generate_defaults["pad_token_id"] = tokenizer.pad_token_id
         self.generate_defaults.update(generate_defaults)
 
     @classmethod
@@ -190,12 +212,22 @@ class MarconiPipeline:
         on_text: Callable[[str], None] | None = None,
         **generate_kwargs: Any,
     ) -> list[int]:
-        """Generate after ``prompt_ids`` through the cache; returns the new token ids.
+        """Generate after ``prompt_ids`` through the cache; returns the new token ids (of the first sequence).
 
         ``streamer`` (e.g. ``TextIteratorStreamer``) and ``on_text`` (called with each finished piece of text)
         stream the reply as it is generated. Every id is attended to: the attention mask is passed explicitly, so
         a generated id equal to the padding id is not taken for padding when a later turn feeds it back.
         """
+        return self._generate(prompt_ids, streamer, on_text, **generate_kwargs)[0]
+
+    def _generate(
+        self,
+        prompt_ids: Sequence[int],
+        streamer: BaseStreamer | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **generate_kwargs: Any,
+    ) -> list[list[int]]:
+        """The new ids of every returned sequence (``num_return_sequences`` of them)."""
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.cache.input_device)
         settings = dict(self.generate_defaults, **generate_kwargs)
         streamers = [s for s in (streamer, _CallbackStreamer(self.tokenizer, on_text) if on_text else None)
@@ -204,20 +236,81 @@ class MarconiPipeline:
             settings["streamer"] = streamers[0] if len(streamers) == 1 else _Fanout(streamers)
         output = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache, **settings)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return sequences[0, ids.shape[1]:].tolist()
+        return sequences[:, ids.shape[1]:].tolist()
 
-    def __call__(self, text: str, **generate_kwargs: Any) -> str:
-        """Text generation: the continuation of ``text`` (special tokens skipped)."""
-        prompt = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return self.tokenizer.decode(self.generate_ids(prompt, **generate_kwargs), skip_special_tokens=True)
+    # ------------------------------------------------------------------------------------------- pipeline
+    def __call__(
+        self,
+        inputs: str | Chat | list[str] | list[Chat],
+        return_full_text: bool = True,
+        continue_final_message: bool | None = None,
+        **generate_kwargs: Any,
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Text generation in the shape of transformers' ``TextGenerationPipeline``.
 
-    def chat(self, system: str | None = None, messages: Sequence[dict[str, str]] = ()) -> "ChatSession":
-        """A new conversation, optionally starting with a system prompt and earlier messages."""
+        ``inputs``: a string, a chat (a list of ``{"role", "content"}`` messages), or a list of either. Returns, per
+        input, a list with one ``{"generated_text": ...}`` record per returned sequence: the prompt and its
+        continuation (``return_full_text=False``: the continuation alone) for a string; for a chat, the messages
+        followed by the assistant's reply, or with ``continue_final_message`` (default: when the chat ends with an
+        assistant message) that message continued. Inputs are generated one by one, each through the cache.
+        """
+        if isinstance(inputs, str) or _is_chat(inputs):
+            return self._one(inputs, return_full_text, continue_final_message, generate_kwargs)
+        if not isinstance(inputs, (list, tuple)) or not all(isinstance(x, str) or _is_chat(x) for x in inputs):
+            raise TypeError(
+                "inputs must be a string, a chat (a list of {'role': ..., 'content': ...} messages) or a list of "
+                f"those; got {type(inputs).__name__}"
+            )
+        return [self._one(x, return_full_text, continue_final_message, generate_kwargs) for x in inputs]
+
+    def _one(
+        self, prompt: str | Chat, return_full_text: bool, continue_final_message: bool | None,
+        generate_kwargs: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            return [{"generated_text": (prompt if return_full_text else "") + self._decode(new)}
+                    for new in self._generate(ids, **generate_kwargs)]
+        messages = [dict(message) for message in prompt]
+        if continue_final_message is None:
+            continue_final_message = messages[-1]["role"] == "assistant"
+        text = self._chat_template().apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+        records = []
+        for new in self._generate(self.tokenizer(text, add_special_tokens=False)["input_ids"], **generate_kwargs):
+            reply = self._decode(new)
+            if not return_full_text:
+                records.append({"generated_text": reply})
+            elif continue_final_message:
+                last = dict(messages[-1], content=messages[-1]["content"] + reply)
+                records.append({"generated_text": messages[:-1] + [last]})
+            else:
+                records.append({"generated_text": messages + [{"role": "assistant", "content": reply}]})
+        return records
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _chat_template(self) -> PreTrainedTokenizerBase:
         if self.tokenizer.chat_template is None:
             raise ValueError(
                 "the tokenizer has no chat template; set tokenizer.chat_template (e.g. "
                 "hf_marconi.pipeline.SIMPLE_CHAT_TEMPLATE) or use the pipeline for plain text generation"
             )
+        return self.tokenizer
+
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends a reply: the generation config's EOS ids and the tokenizer's."""
+        configured = self.generate_defaults.get("eos_token_id", self.model.generation_config.eos_token_id)
+        ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
+        ids.add(self.tokenizer.eos_token_id)
+        return {int(i) for i in ids if i is not None}
+
+    def chat(self, system: str | None = None, messages: Sequence[dict[str, str]] = ()) -> "ChatSession":
+        """A new conversation, optionally starting with a system prompt and earlier messages."""
+        self._chat_template()
         history = [{"role": "system", "content": system}] if system is not None else []
         return ChatSession(self, history + [dict(m) for m in messages])
 
@@ -263,7 +356,9 @@ class ChatSession:
         self.token_ids = prompt + reply_ids
         return reply
 
-    def stream(self, content: str, role: str = "user", timeout_s: float = 600.0, **generate_kwargs: Any) -> Iterator[str]:
+    def stream(
+        self, content: str, role: str = "user", timeout_s: float = 600.0, **generate_kwargs: Any
+    ) -> Iterator[str]:
         """Like :meth:`send`, yielding the reply's text piece by piece as it is generated.
 
         Generation runs in a worker thread; if it raises, the iteration ends with that error (never a silent stop or
@@ -313,8 +408,9 @@ class ChatSession:
             self.token_ids = []
             return self._encode(full)
         tail = full[len(rendered_up_to_reply):]
-        tokenizer = self.pipeline.tokenizer
-        eos = tokenizer.eos_token
-        if self.token_ids[-1] == tokenizer.eos_token_id and eos and tail.startswith(eos):
-            tail = tail[len(eos):]  # the reply's own end-of-sequence token already closes the turn
+        last = self.token_ids[-1]
+        if last in self.pipeline.eos_token_ids():
+            eos = self.pipeline.tokenizer.decode([last], skip_special_tokens=False)
+            if eos and tail.startswith(eos):
+                tail = tail[len(eos):]  # the reply's own end-of-sequence token already closes the turn
         return self._encode(tail)

@@ -148,13 +148,73 @@ def test_text_generation_equals_uncached(pipe, tokenizer):
     text = "Once upon a time"
     out = pipe(text)
     prompt = tokenizer(text)["input_ids"]
-    assert out == tokenizer.decode(pipe.reference_ids(prompt), skip_special_tokens=True)
+    assert out == [{"generated_text": text + tokenizer.decode(pipe.reference_ids(prompt), skip_special_tokens=True)}]
     pipe(text + " there")
     assert pipe.cache.stats()["lookups"] == 2
 
 
+def _transformers_pipeline(model, tokenizer):
+    """transformers' own text-generation pipeline on the same model, uncached (a fresh cache per call)."""
+    return transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("continue_final_message", [None, True, False])
+def test_inputs_and_outputs_have_the_shape_of_transformers_pipeline(model, tokenizer, continue_final_message):
+    """Strings, chats and lists of either, in and out as TextGenerationPipeline takes and returns them, with the same
+    text (greedy), also continuing a final assistant message."""
+    pipe = MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY)
+    reference = _transformers_pipeline(model, tokenizer)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prefilled = chat + [{"role": "assistant", "content": "Hello, I"}]
+    inputs = ["Once upon", chat, prefilled, ["a list", "of strings"], [chat, prefilled]]
+    settings = dict(max_new_tokens=5, do_sample=False)
+    if continue_final_message is not None:
+        settings["continue_final_message"] = continue_final_message
+    for prompt in inputs:
+        if continue_final_message is False and prompt is prefilled:
+            continue  # a second assistant message: the simple template renders it, but it is not the case tested
+        for full_text in (True, False):
+            got = pipe(prompt, return_full_text=full_text, **settings)
+            want = reference(prompt, return_full_text=full_text, **settings)
+            assert got == want, (prompt, full_text)
+
+
+def test_generation_config_of_the_model_is_honoured_and_overridable(model, tokenizer):
+    """No hidden defaults: the model's generation_config decides (here 3 new tokens), a pipeline default or a call
+    overrides it."""
+    model.generation_config.max_new_tokens = 3
+    try:
+        pipe = MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY)
+        assert len(pipe.generate_ids(tokenizer("abc")["input_ids"], eos_token_id=None)) == 3
+        assert len(pipe.generate_ids(tokenizer("abc")["input_ids"], eos_token_id=None, max_new_tokens=5)) == 5
+        pipe = MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY, max_new_tokens=2)
+        assert len(pipe.generate_ids(tokenizer("abc")["input_ids"], eos_token_id=None)) == 2
+    finally:
+        model.generation_config.max_new_tokens = None
+
+
+def test_num_return_sequences_gives_one_record_each(model, tokenizer):
+    pipe = MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY, max_new_tokens=3)
+    out = pipe("Hello", do_sample=True, num_return_sequences=3)
+    assert len(out) == 3 and all(record["generated_text"].startswith("Hello") for record in out)
+
+
+def test_chat_turn_closed_by_another_eos_id_is_not_repeated(model, tokenizer):
+    """The EOS skip knows every EOS id of the generation config, not only the tokenizer's eos_token: a reply that
+    ended with a second EOS id (here the pad token, configured as an extra EOS) does not get it rendered again."""
+    pipe = MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY, max_new_tokens=4, eos_token_id=[2, 0])
+    assert pipe.eos_token_ids() == {0, 2}
+    chat = pipe.chat()
+    chat.send("x")
+    chat.token_ids[-1] = 0  # as if the reply had ended with the extra EOS id
+    chat.messages[-1]["content"] += tokenizer.decode([0], skip_special_tokens=False)
+    new = chat._new_prompt_ids({"role": "user", "content": "y"})
+    assert new[0] != 0
+
+
 def test_from_transformers_pipeline(model, tokenizer):
     hf_pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    assert MarconiPipeline.from_pipeline(hf_pipe).cache.store.capacity_bytes == 2**30  # as README writes it
     pipe = MarconiPipeline.from_pipeline(hf_pipe, capacity_bytes=CAPACITY, max_new_tokens=4)
     assert pipe.model is model and pipe.tokenizer is tokenizer
     chat = pipe.chat()
@@ -164,8 +224,8 @@ def test_from_transformers_pipeline(model, tokenizer):
 
 
 def test_refusals(model, tokenizer):
-    with pytest.raises(ValueError, match="capacity_bytes"):
-        MarconiPipeline(model, tokenizer)
+    with pytest.raises(TypeError, match="chat"):
+        MarconiPipeline(model, tokenizer, capacity_bytes=CAPACITY)(42)
     other = MarconiCache(build_model("bamba", seed=1), capacity_bytes=CAPACITY)
     with pytest.raises(ValueError, match="another model"):
         MarconiPipeline(model, tokenizer, cache=other)

@@ -1,7 +1,7 @@
 """Default ``position_ids`` that continue from the cache, for model forwards that restart them at 0.
 
-Bamba's model forward (transformers 5.x, 5.24 included) defaults ``position_ids`` to ``arange(seq_len)`` whatever the cache
-already holds, so a forward that continues from a populated cache without explicit positions rotates its
+Bamba's model forward (transformers 5.x, 5.24 included) defaults ``position_ids`` to ``arange(seq_len)`` whatever
+the cache already holds, so a forward that continues from a populated cache without explicit positions rotates its
 attention queries and keys as if the sequence started again: every continuation is wrong (~1e-1 relative in
 the zoo's float64 Bamba) while the Mamba layers are exact. ``generate()`` passes explicit positions and is
 not affected; any other caller (a branch-point prefill, a manual decode loop) is. The fix fills the default

@@ -24,7 +24,7 @@ Supported: the Mamba2 (SSD) mixers of Mamba2, Bamba, NemotronH, FalconH1, Granit
 delta nets of Qwen3-Next, Qwen3.5 and OLMo-hybrid, Kimi's delta attention and LFM2's short convolution: mixers
 whose multi-token continuation from the cache is exact, so that splitting them changes nothing but where the
 states are copied. Not split: Jamba's Mamba1 mixer (its continuation is only right with hf_marconi's
-initial-state fix installed on the instance, which its family record leaves out of ``splittable_mixers``) and sliding-window
+initial-state fix installed on the instance, so its family record lists no ``splittable_mixers``) and sliding-window
 attention (the window at ``b`` is not what the live cache holds after the forward): :func:`single_pass_prefill`
 returns None for those models and the caller falls back to two-pass capture.
 """
