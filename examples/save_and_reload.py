@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="bamba", choices=FAMILIES, help="tiny zoo model (default: bamba)")
     parser.add_argument("--model-path", help="a local model directory to load instead of a tiny random model")
-    parser.add_argument("--path", default="marconi_cache.safetensors", help="where the cache is saved")
+    parser.add_argument("--path", help="where the cache is saved (default: a temporary directory, removed at exit)")
     parser.add_argument("--load-only", action="store_true", help="load the saved cache and continue the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="tokens per reply (default: 12)")
     parser.add_argument("--capacity-mb", type=float, default=256.0, help="cache capacity in MiB (default: 256)")
@@ -44,7 +45,16 @@ def conversation_file(path: Path) -> Path:
 
 def main() -> None:
     args = parse_args()
-    path = Path(args.path)
+    if args.path is None:
+        if args.load_only:
+            raise SystemExit("--load-only needs --path, the file an earlier run saved")
+        with tempfile.TemporaryDirectory() as scratch:
+            run(args, Path(scratch) / "marconi_cache.safetensors")
+    else:
+        run(args, Path(args.path))
+
+
+def run(args: argparse.Namespace, path: Path) -> None:
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.family)
     capacity = int(args.capacity_mb * 2**20)
     settings = dict(max_new_tokens=args.max_new_tokens)

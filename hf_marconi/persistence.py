@@ -229,6 +229,11 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> int:
                 f"the entry of prefix_len {entry.prefix_len} in {path} does not have this model's state sizes {sizes}"
             )
     with cache.call_lock:
+        if cache.store.nbytes or cache.store.tree.root.children:
+            raise PersistenceError(
+                f"{path} can only be loaded into an empty MarconiCache; this one holds {cache.store.nbytes} bytes of "
+                "states. Load into a freshly built MarconiCache, or call cache.clear() first"
+            )
         try:
             cache.store.load_entries(entries)
         except ValueError as error:

@@ -198,3 +198,57 @@ def test_no_deprecation_warning_from_hf_marconi_calls(warmed):
             prompt = _tokens(18, 13)
             with cache.request(prompt) as call:
                 model(prompt[:, call.prefilled:], **{keyword: cache})
+
+
+# ------------------------------------------------------------------------------------------------ rough edges
+def test_constructor_options_are_checked_with_the_fix_in_the_message():
+    model = build_model("bamba")
+    with pytest.raises(MarconiCacheError, match="alpha applies to policy='marconi' only"):
+        MarconiCache(model, capacity_bytes=CAPACITY, policy="sglang+", alpha=0.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(MarconiCacheError, match="needs CUDA"):
+            MarconiCache(model, capacity_bytes=CAPACITY, storage_device="cuda")
+    with pytest.raises(MarconiCacheError, match="whole number of bytes"):
+        MarconiCache(model, capacity_bytes=1.5)
+    assert MarconiCache(model, capacity_bytes=4e6).store.capacity_bytes == 4_000_000
+
+
+def test_last_call_has_a_short_repr(warmed):
+    model, cache, first = warmed
+    model.generate(torch.cat([first, _tokens(300, 14)], dim=-1), past_key_values=cache, **SETTINGS)
+    assert len(repr(cache.last_call)) < 400
+
+
+def test_warnings_about_calls_without_reuse_come_once_per_reason(warmed):
+    from hf_marconi import generation
+
+    model, cache, _ = warmed
+    batch = torch.cat([_tokens(6, 15), _tokens(6, 16)])
+    generation._WARN._seen.discard("batch size > 1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model.generate(batch, past_key_values=cache, **SETTINGS)
+    assert sum("without reuse" in str(w.message) for w in caught) == 1
+    assert cache.stats()["bypassed_calls"] == 3
+
+
+def test_loading_into_a_cache_that_holds_states_names_the_fix(warmed, tmp_path):
+    from hf_marconi.persistence import PersistenceError, load_cache, save_cache
+
+    model, cache, _ = warmed
+    save_cache(cache, tmp_path / "c.safetensors")
+    with pytest.raises(PersistenceError, match="empty MarconiCache.*cache.clear"):
+        load_cache(cache, tmp_path / "c.safetensors")
+    cache.clear()
+    assert load_cache(cache, tmp_path / "c.safetensors") >= 1
+
+
+def test_the_package_does_not_install_a_top_level_eval_module():
+    import configparser
+    from pathlib import Path
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    included = config["options.packages.find"]["include"].split()
+    assert included and all(name.startswith("hf_marconi") for name in included)
