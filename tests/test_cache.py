@@ -120,23 +120,25 @@ def test_shared_system_prompt_hits_from_third_occurrence(model, capture, keyword
     assert cache.stats()["hits_purely_input"] == 2
 
 
-def test_branching_conversation(model):
+@pytest.mark.parametrize("keyword", KEYWORDS)
+def test_branching_conversation(model, keyword):
     cache = MarconiCache(model, capacity_bytes=CAPACITY)
-    first = _generate_both(model, cache, _random_tokens(18, seed=3))
+    first = _generate_both(model, cache, _random_tokens(18, seed=3), keyword)
     for branch in range(3):
         before = cache.stats()["hit_tokens"]
-        _generate_both(model, cache, torch.cat([first, _random_tokens(5, seed=30 + branch)], dim=-1))
+        _generate_both(model, cache, torch.cat([first, _random_tokens(5, seed=30 + branch)], dim=-1), keyword)
         # the first sequence (but its last token) is restored; later branches also reuse the branch point after it
         assert cache.stats()["hit_tokens"] - before >= first.shape[1] - 1
 
 
-def test_repeated_identical_prompt_hits_all_but_last_token(model):
+@pytest.mark.parametrize("keyword", KEYWORDS)
+def test_repeated_identical_prompt_hits_all_but_last_token(model, keyword):
     cache = MarconiCache(model, capacity_bytes=CAPACITY)
     prompt = _random_tokens(17, seed=4)
     reused = []
     for _ in range(3):
         before = cache.stats()["hit_tokens"]
-        _generate_both(model, cache, prompt)
+        _generate_both(model, cache, prompt, keyword)
         reused.append(cache.stats()["hit_tokens"] - before)
     assert reused[2] == prompt.shape[1] - 1
 
