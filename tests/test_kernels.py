@@ -397,3 +397,18 @@ def test_report_summary_says_why_kernels_are_not_in_use():
     assert "no kernel-backed functions" in str(kernel_report(build_model("llama")))
     summary = kernel_report(nn.Sequential(_FakeMixer(0))).summary
     assert summary == "kernels resolved, but the model is not on a CUDA device"
+
+
+def test_gpu_check_script_smoke_mode_runs_every_step(tmp_path):
+    """The one prepared script for a GPU lease (eval/gpu_check.py), in its CPU smoke mode: every step runs within its
+    budget and the summary names each command and outcome."""
+    import json
+
+    from eval.gpu_check import main as gpu_check
+
+    assert gpu_check(["--smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [step["name"] for step in summary["steps"]] == ["kernels", "gpu_tests", "bench"]
+    assert all(step["status"] == "ok" and step["wall_s"] <= step["budget_s"] for step in summary["steps"])
+    assert (tmp_path / "bench_gpu" / "bench_gpu.json").exists()
+    assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
