@@ -39,6 +39,7 @@ import torch
 import transformers
 from transformers import BambaConfig, BambaForCausalLM, DynamicCache
 
+from hf_marconi.families import cache_keyword_of
 from hf_marconi.kernels import StateMover, capture_branch_states, kernel_report, package_status
 from hf_marconi.states import StateLayout
 from hf_marconi.testing import make_config
@@ -158,12 +159,13 @@ class Bench:
         """Prefill ``ids`` at positions ``start..`` into ``cache`` (positions explicit: Bamba's default ignores it)."""
         positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
         with torch.no_grad():
-            self.model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, **{cache_keyword_of(self.model): cache}, position_ids=positions, use_cache=True,
+                       logits_to_keep=1)
 
     def generate(self, ids: torch.Tensor, cache: Any, new_tokens: int) -> torch.Tensor:
         with torch.no_grad():
             return self.model.generate(
-                ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                ids, **{cache_keyword_of(self.model): cache}, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 attention_mask=torch.ones_like(ids),
             )
 

@@ -240,11 +240,14 @@ def prefill_seconds(model: Any, prefix_cache: Any, new_ids: Any, start: int) -> 
     ``prefix_cache`` (a ``DynamicCache`` holding ``start`` tokens, left unchanged)."""
     import torch
 
+    from hf_marconi.families import cache_keyword_of
+
     cache = copy.deepcopy(prefix_cache)
     positions = torch.arange(start, start + new_ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
         began = time.perf_counter()
-        model(input_ids=new_ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+        model(input_ids=new_ids, **{cache_keyword_of(model): cache}, position_ids=positions, use_cache=True,
+              logits_to_keep=1)
         return time.perf_counter() - began
 
 
@@ -272,6 +275,8 @@ def measure_profile(
 def _measure(spec: ProfileModelSpec, prefix_lens: Sequence[int], extend_lens: Sequence[int], repeats: int,
              progress: Callable[[str], None] | None) -> PrefillProfile:
     import torch
+
+    from hf_marconi.families import cache_keyword_of
     from transformers.cache_utils import DynamicCache
 
     model = spec.build()
@@ -284,7 +289,7 @@ def _measure(spec: ProfileModelSpec, prefix_lens: Sequence[int], extend_lens: Se
         prefix_cache = DynamicCache(config=config)
         if prefix_len:
             with torch.no_grad():
-                model(input_ids=ids[:, :prefix_len], past_key_values=prefix_cache,
+                model(input_ids=ids[:, :prefix_len], **{cache_keyword_of(model): prefix_cache},
                       position_ids=torch.arange(prefix_len).unsqueeze(0), use_cache=True, logits_to_keep=1)
         row = []
         for extend_len in extend_lens:
