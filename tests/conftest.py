@@ -26,3 +26,13 @@ def skip_unless_available(families):
         ))
         for family in families
     ]
+
+
+def fresh_cache(model) -> dict:
+    """Keyword arguments passing a fresh DynamicCache under the keyword the installed transformers takes: what
+    uncached generation uses, without transformers' deprecation notice on 5.24."""
+    from transformers import DynamicCache
+
+    from hf_marconi.families import cache_keyword_of
+
+    return {cache_keyword_of(model): DynamicCache(config=model.config)}

@@ -7,12 +7,13 @@ import threading
 
 import pytest
 import torch
-from transformers import DynamicCache
 
+from conftest import fresh_cache
 from hf_marconi import MarconiCache, MarconiCacheError
 from hf_marconi.testing import build_model
 
 SETTINGS = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+
 
 
 def _ids(*tokens: int) -> torch.Tensor:
@@ -79,7 +80,7 @@ def test_cache_of_another_model_is_refused(bamba, warm_cache):
 def test_capacity_too_small_admits_nothing(bamba):
     cache = MarconiCache(bamba, capacity_bytes=1024)
     out = bamba.generate(_ids(*range(3, 30)), past_key_values=cache, **SETTINGS)
-    reference = bamba.generate(_ids(*range(3, 30)), past_key_values=DynamicCache(config=bamba.config), **SETTINGS)
+    reference = bamba.generate(_ids(*range(3, 30)), **fresh_cache(bamba), **SETTINGS)
     assert torch.equal(out, reference)
     stats = cache.stats()
     assert stats["bytes"] == 0 and stats["admissions_refused"] >= 1
@@ -112,7 +113,7 @@ def test_exception_inside_model_leaves_store_unchanged(bamba, warm_cache, fail_a
     warm_cache.check_invariants()
     # the next call works and is correct
     out = bamba.generate(prompt, past_key_values=warm_cache, **SETTINGS)
-    assert torch.equal(out, bamba.generate(prompt, past_key_values=DynamicCache(config=bamba.config), **SETTINGS))
+    assert torch.equal(out, bamba.generate(prompt, **fresh_cache(bamba), **SETTINGS))
 
 
 def test_beam_search_and_assisted_decoding_are_refused(bamba, warm_cache):
@@ -130,7 +131,7 @@ def test_batch_above_one_runs_without_reuse(bamba, warm_cache):
     bypassed = warm_cache.stats()["bypassed_calls"]
     out = bamba.generate(prompts, past_key_values=warm_cache, **SETTINGS)
     assert warm_cache.stats()["bypassed_calls"] == bypassed + 1
-    assert torch.equal(out, bamba.generate(prompts, past_key_values=DynamicCache(config=bamba.config), **SETTINGS))
+    assert torch.equal(out, bamba.generate(prompts, **fresh_cache(bamba), **SETTINGS))
     assert _store_state(warm_cache) == before
 
 
@@ -140,7 +141,7 @@ def test_threads_share_one_cache(bamba):
     rng = random.Random(3)
     system = _random_tokens(16, rng)
     prompts = [_ids(*(system + _random_tokens(6, rng))) for _ in range(8)]
-    expected = [bamba.generate(p, past_key_values=DynamicCache(config=bamba.config), **SETTINGS) for p in prompts]
+    expected = [bamba.generate(p, **fresh_cache(bamba), **SETTINGS) for p in prompts]
     errors: list[BaseException] = []
 
     def worker(index: int) -> None:
@@ -188,7 +189,7 @@ def test_tight_capacity_mixed_workload(bamba):
             prompt = _random_tokens(rng.randint(4, 20), rng)
         prompt = prompt[-60:]  # keep sequences short
         out = bamba.generate(_ids(*prompt), past_key_values=cache, **settings)
-        reference = bamba.generate(_ids(*prompt), past_key_values=DynamicCache(config=bamba.config), **settings)
+        reference = bamba.generate(_ids(*prompt), **fresh_cache(bamba), **settings)
         assert torch.equal(out, reference), f"request {step} differs from uncached generation"
         if index is not None:
             sessions[index] = out[0].tolist()

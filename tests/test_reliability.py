@@ -26,8 +26,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import DynamicCache
 
+from conftest import fresh_cache
 from hf_marconi import MarconiCache, MarconiCacheError
 from hf_marconi import persistence
 from hf_marconi.persistence import PersistenceError, load_cache, save_cache
@@ -38,6 +38,7 @@ from hf_marconi.testing import build_model
 
 VOCAB = 256
 SETTINGS = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def _tokens(n: int, rng: random.Random, low: int = 3, high: int = 250) -> list[i
 def _uncached(model, ids: Sequence[int], **settings) -> list[int]:
     prompt = torch.tensor([list(ids)])
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                         past_key_values=DynamicCache(config=model.config), **dict(SETTINGS, **settings))
+                         **fresh_cache(model), **dict(SETTINGS, **settings))
     return out[0].tolist()
 
 
@@ -466,7 +467,7 @@ def test_other_thread_forward_of_the_same_model_during_a_capture():
 
     def plain_forward() -> None:
         try:
-            outcome["logits"] = model(other, past_key_values=DynamicCache(config=model.config)).logits
+            outcome["logits"] = model(other, **fresh_cache(model)).logits
         except BaseException as error:
             outcome["error"] = error
 
@@ -561,7 +562,7 @@ def test_fuzz_prompts_give_clear_errors_or_uncached_outputs(bamba, fuzz_cache, c
         else:
             out = bamba.generate(prompt, past_key_values=fuzz_cache, **settings)
         reference = bamba.generate(prompt.long().reshape(-1, prompt.shape[-1]),
-                                   past_key_values=DynamicCache(config=bamba.config), **settings)
+                                   **fresh_cache(bamba), **settings)
         assert torch.equal(out, reference)
     elif shape == "batch2":
         with pytest.raises(MarconiCacheError, match="one sequence"):

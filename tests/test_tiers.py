@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_marconi import MarconiCache
+from hf_marconi.families import cache_keyword_of
 from hf_marconi.states import KVEdge, StateCheckpoint
 from hf_marconi.tiers import SpilledCheckpoint, SpilledKVEdge, TieredStorage, move_checkpoint, move_edge
 from hf_marconi.testing import build_model
@@ -28,7 +29,8 @@ def model():
 def _generate(model, prompt: torch.Tensor, cache) -> torch.Tensor:
     """Greedy generation through ``cache``; the explicit mask keeps generate from taking a generated pad id that a
     later prompt feeds back for padding."""
-    return model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, **SETTINGS)
+    keyword = "past_key_values" if isinstance(cache, MarconiCache) else cache_keyword_of(model)
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **{keyword: cache}, **SETTINGS)
 
 
 def _tokens(n: int, rng: random.Random) -> torch.Tensor:
