@@ -1,7 +1,8 @@
 """Every GPU check in one prepared run that fits a 15-minute device lease: ``python -m eval.gpu_check --out DIR``.
 
-Steps, each under a hard time budget (12 minutes in all, so that one rerun fits the lease), with its command, wall
-time, status and log written under ``--out`` (``summary.json``, ``<step>.log``):
+Steps, each under a hard time budget (12 minutes in all; a rerun of the steps that failed fits what is left of the
+lease, the compiled wheel being kept), with its command, wall time, status and log written under ``--out``
+(``summary.json``, ``<step>.log``):
 
 1. ``install`` (90 s): the wheels carried in ``.whl/`` (transformers of the declared range, fla-core and
    flash-linear-attention, mamba-ssm built with ``MAMBA_SKIP_CUDA_BUILD=TRUE``: its Mamba2 kernels are Triton) go to
@@ -30,9 +31,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hf_marconi.families import FAMILIES
+
 REPO = Path(__file__).resolve().parents[1]
-MAMBA2_AND_GDN = ("bamba", "nemotron_h", "falcon_h1", "granitemoehybrid", "zamba2", "mamba2",
-                  "qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear")
+# The families whose kernels the lease checks: Mamba2 (SSD) and gated-delta-rule / KDA mixers (Triton kernels).
+MAMBA2_AND_GDN = tuple(name for name, record in FAMILIES.items()
+                       if record.zoo.recurrent_kind in ("mamba2", "gated_delta_net", "kimi_delta_attention"))
 TOTAL_BUDGET_S = 12 * 60
 
 

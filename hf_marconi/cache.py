@@ -85,13 +85,12 @@ def _state_devices(scratch: DynamicCache, default: torch.device) -> dict[int, to
     return devices
 
 
-def weights_signature(model: torch.nn.Module) -> tuple[tuple[int, int, str, str], ...]:
-    """What changes when a model's weights change: each parameter's storage, in-place version counter, dtype and
-    device. An in-place update (``load_state_dict``, an optimizer step, merging an adapter) bumps the version; ``.to``
-    replaces the storage. Cheap: no tensor data is read."""
-    return tuple(
-        (p.data_ptr(), p._version, str(p.dtype), str(p.device)) for p in model.parameters()
-    )
+def weights_signature(model: torch.nn.Module) -> tuple[tuple[int, int, torch.dtype], ...]:
+    """What changes when a model's weights change through autograd-visible tensors: each parameter's storage, in-place
+    version counter and dtype. ``load_state_dict`` and optimizer steps bump the version; ``.to`` replaces the storage.
+    Cheap: no tensor data is read. Not seen: writes through ``param.data`` (which bypass the version counter) and
+    adapter switches that change no parameter; call ``cache.clear()`` after those."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
 
 
 class MarconiCache(DynamicCache):
@@ -164,21 +163,38 @@ class MarconiCache(DynamicCache):
         # a generate wrapper may run forwards under it.
         self.call_lock = generation.model_lock(model)
         self._active_thread: int | None = None
+        self._active_prompt: list[int] | None = None  # the prompt of the call in flight that restored a prefix
         self._weights = weights_signature(model)
-        generation.install(model)
+        generation.install(model, self.pure_recurrent)
 
     # ----------------------------------------------------------- calls
     @contextmanager
     def active_call(self) -> Iterator[None]:
         """Mark the current thread as inside a call that went through the cache (generate wrapper or request)."""
-        previous, self._active_thread = self._active_thread, threading.get_ident()
+        self._active_thread = threading.get_ident()
         try:
             yield
         finally:
-            self._active_thread = previous
+            self._active_thread = None
+            self._active_prompt = None
 
     def in_active_call(self) -> bool:
         return self._active_thread == threading.get_ident()
+
+    def active_prompt(self) -> list[int] | None:
+        """The prompt of the call in flight in this thread that restored a prefix (None otherwise)."""
+        return self._active_prompt if self.in_active_call() else None
+
+    def refuse_nested_call(self) -> None:
+        """A call while another call of this model is in flight in the same thread (a stopping criterion, logits
+        processor or streamer calling generate, generate inside ``cache.request``) would reset the live states under
+        the outer call: refused. Call with the call lock held."""
+        if self._active_thread is not None:
+            raise MarconiCacheError(
+                "a MarconiCache call was started inside another call of the same model (e.g. from a stopping "
+                "criterion, a logits processor or a streamer, or inside `with cache.request(...)`); it would reset the "
+                "outer call's live states. Finish the outer call first, or use a DynamicCache for the inner one"
+            )
 
     def continuation_kwargs(self, start: int, end: int, device: torch.device) -> dict[str, Any]:
         """Keyword arguments of a forward feeding positions ``start .. end-1`` into this live cache."""
@@ -201,7 +217,7 @@ class MarconiCache(DynamicCache):
         warnings.warn(
             f"the model's weights changed since MarconiCache stored its states; dropped {freed} bytes of stored "
             "states (they belong to the old weights)",
-            stacklevel=3,
+            stacklevel=4,  # check_weights <- _generate <- GenerateWrapper.__call__ <- the caller
         )
 
     def _measure(self) -> None:
@@ -317,6 +333,7 @@ class MarconiCache(DynamicCache):
                 raise MarconiCacheError(
                     f"cache.request takes one sequence (input_ids of shape [1, L]); got batch size {input_ids.shape[0]}"
                 )
+            self.refuse_nested_call()
             self.check_weights()
             with self.active_call():
                 call = generation.PrefixCall.begin(self, input_ids)

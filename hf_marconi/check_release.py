@@ -5,7 +5,8 @@
 From a checkout of hf_marconi (the tests live in ``tests/``): builds a scratch virtual environment, installs the
 newest transformers on the package registry (or ``--version``) next to the torch this interpreter runs, installs
 hf_marconi into it without its dependency pins, runs ``tests/test_conformance.py``, ``tests/test_cache.py`` and
-``tests/test_fixes.py`` there, and prints which families break. Exit status 0 when everything passes. Not run by CI:
+``tests/test_fixes.py``, ``tests/test_generate_modes.py`` and ``tests/test_misuse.py`` there, and prints which families
+break. Exit status 0 when everything passes. Not run by CI:
 it reaches the registry for a release the package does not declare yet.
 """
 
@@ -28,7 +29,8 @@ from .conventions import SUPPORTED_RELEASES
 from .families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ("tests/test_conformance.py", "tests/test_cache.py", "tests/test_fixes.py")
+TESTS = ("tests/test_conformance.py", "tests/test_cache.py", "tests/test_fixes.py", "tests/test_generate_modes.py",
+         "tests/test_misuse.py")
 TEST_DEPENDENCIES = ("accelerate>=1.0", "packaging", "pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100")
 
 
@@ -75,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, help="scratch virtual environment to create (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch environment")
     args = parser.parse_args(argv)
+    if not all((REPO / test).is_file() for test in TESTS):
+        parser.error(f"run it from a checkout of hf_marconi: the tests {', '.join(TESTS)} are not under {REPO}")
+    if args.venv is not None and args.venv.exists() and any(args.venv.iterdir()):
+        parser.error(f"--venv {args.venv} exists and is not empty; name a new folder")
     started = time.perf_counter()
     scratch = args.venv or Path(tempfile.mkdtemp(prefix="hf_marconi_release_")) / "venv"
     print(f"[1/4] scratch venv {scratch}", flush=True)
-    venv.create(scratch, with_pip=True, clear=True)
+    venv.create(scratch, with_pip=True)
     python = scratch / "bin" / "python"
     version = args.version or newest_release(python)
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"

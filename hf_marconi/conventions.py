@@ -8,8 +8,9 @@ introduced it, so that a new release that changes a convention is met in one pla
   (:func:`with_cache`);
 - the keyword arguments of a forward that continues from a populated cache (:func:`continuation_kwargs`):
   explicit ``position_ids``, ``logits_to_keep``;
-- which ``generate`` settings fork, crop or expand the live cache (:func:`cache_rewriting_settings`), and whether
-  ``generate`` feeds only the uncached part of the prompt for a given cache (:func:`generate_skips_cached_prompt`).
+- the settings a ``generate`` call runs with (:func:`generation_config_of_call`), which decoding modes fork, crop or
+  reorder the live cache (:func:`cache_rewriting_mode`), and whether ``generate`` feeds only the uncached part of the
+  prompt for a given cache (:func:`generate_skips_cached_prompt`).
 
 Releases (the declared range is in ``setup.cfg``; ``SUPPORTED_RELEASES`` below is what CI tests):
 
@@ -22,12 +23,15 @@ Releases (the declared range is in ``setup.cfg``; ``SUPPORTED_RELEASES`` below i
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 from packaging.version import Version
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
 
 if TYPE_CHECKING:
     from torch import nn
@@ -82,15 +86,6 @@ def with_cache(kwargs: dict[str, Any], keyword: str, cache: Any) -> dict[str, An
     return out
 
 
-def output_cache(output: Any) -> Any:
-    """The cache a model or ``generate`` output carries (5.24: ``.cache``; before: ``.past_key_values``)."""
-    for name in ("cache", "past_key_values", "cache_params"):
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
-    return None
-
-
 def continuation_kwargs(
     model: "nn.Module", keyword: str, cache: "Cache", start: int, end: int, device: torch.device, *, positions: bool
 ) -> dict[str, Any]:
@@ -108,33 +103,46 @@ def continuation_kwargs(
     return kwargs
 
 
-def generate_setting(model: "nn.Module", kwargs: dict[str, Any], name: str, default: Any = None) -> Any:
-    """A generate setting as generate resolves it: the keyword, else the passed ``generation_config``, else the
-    model's."""
-    value = kwargs.get(name)
-    if value is None:
-        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-        value = getattr(config, name, None)
-    return default if value is None else value
+def generation_config_of_call(model: "nn.Module", args: tuple[Any, ...], kwargs: dict[str, Any]) -> GenerationConfig:
+    """The settings a ``generate`` call runs with, resolved as transformers resolves them (5.23 and 5.24): the model's
+    ``generation_config``, then the fields a passed config sets (``generation_config=`` or the first positional
+    argument after the inputs; unset fields are None in 5.x), then the call's keywords (an explicit None included).
+    A copy: nothing of the model's or the caller's config changes."""
+    config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+    passed = kwargs.get("generation_config")
+    if passed is None and args and isinstance(args[0], GenerationConfig):
+        passed = args[0]
+    if passed is not None:
+        for key, value in passed.to_dict().items():
+            if value is not None and not key.startswith("_") and key != "transformers_version":
+                setattr(config, key, value)
+    for key, value in kwargs.items():
+        if key != "generation_config" and hasattr(config, key):
+            setattr(config, key, value)
+    return config
 
 
-def cache_rewriting_settings(model: "nn.Module", kwargs: dict[str, Any]) -> dict[str, str]:
-    """The generate settings of a call that fork, crop or re-feed the live cache, each with why.
+# Generation modes that keep one row per prompt and only append to the cache.
+_APPENDING_MODES = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
 
-    - ``num_beams > 1``: beam search reorders and forks the cache rows (``Cache.reorder_cache``).
-    - ``assistant_model`` / ``prompt_lookup_num_tokens`` / ``assistant_early_exit``: speculative decoding crops the
-      cache after rejected tokens, which a recurrent state cannot undo.
-    - ``custom_generate``: a decoding loop from the Hub or the caller, whose use of the cache is unknown.
+
+def cache_rewriting_mode(config: GenerationConfig, kwargs: dict[str, Any]) -> str | None:
+    """Why a call's decoding mode would fork, crop or reorder the live cache (None when it only appends).
+
+    Beam search reorders and forks cache rows (``Cache.reorder_cache``); assisted / speculative decoding crops the
+    cache after rejected tokens, which a recurrent state cannot undo; contrastive search and DoLa run as Hub
+    ``custom_generate`` loops (5.x), as does an explicit ``custom_generate``, whose use of the cache is unknown.
     """
-    found: dict[str, str] = {}
-    if generate_setting(model, kwargs, "num_beams", 1) > 1:
-        found["num_beams"] = "beam search reorders and forks the live cache"
-    for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
-        if generate_setting(model, kwargs, name) is not None:
-            found[name] = "assisted / speculative decoding crops the cache, which a recurrent state cannot undo"
     if kwargs.get("custom_generate") is not None:
-        found["custom_generate"] = "a custom decoding loop may use the cache in ways hf_marconi cannot check"
-    return found
+        return "`custom_generate` runs a decoding loop whose use of the cache hf_marconi cannot check"
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    if mode in _APPENDING_MODES:
+        return None
+    why = {
+        GenerationMode.ASSISTED_GENERATION: "assisted / speculative decoding crops the cache, which a recurrent state "
+                                            "cannot undo",
+    }.get(mode, "it forks or reorders the live cache, or runs a custom decoding loop")
+    return f"the {mode.value.replace('_', ' ')} mode: {why}"
 
 
 def generate_skips_cached_prompt(cache: "Cache") -> bool:

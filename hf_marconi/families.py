@@ -4,7 +4,7 @@ A :class:`Family` names the family's ``model_type`` values, the reader that turn
 continuation fixes it needs (with the releases that need them), the recurrent mixer classes that single-pass capture
 may split, the keyword its forward took the cache by before transformers 5.24, and the tiny model the test zoo builds
 (:class:`ZooSpec`). ``costs`` (via :func:`layer_costs`), ``support`` (supported types and fixes), capture
-(:func:`splittable_mixer_classes`), :mod:`hf_marconi.testing` and the tests all derive from :data:`FAMILIES`: adding a
+(:meth:`Family.mixer_classes`), :mod:`hf_marconi.testing` and the tests all derive from :data:`FAMILIES`: adding a
 family is one record here and its tests.
 """
 
@@ -86,9 +86,9 @@ class Family:
         """The keyword the installed transformers' forward and generate take this family's cache by."""
         return conventions.cache_keyword(self.legacy_cache_keyword)
 
-    def needed_fixes(self) -> tuple[Fix, ...]:
-        """The fixes the installed transformers release needs for this family."""
-        return tuple(fix for fix in self.fixes if fix.needed(conventions.INSTALLED))
+    def needed_fixes(self, installed: Any = conventions.INSTALLED) -> tuple[Fix, ...]:
+        """The fixes transformers release ``installed`` (default: the installed one) needs for this family."""
+        return tuple(fix for fix in self.fixes if fix.needed(installed))
 
     def mixer_classes(self) -> tuple[type, ...]:
         """The splittable mixer classes the installed transformers ships."""
@@ -417,8 +417,3 @@ def cost_model(config: Any, dtype: Any = "bfloat16", recurrent_dtype: Any = "flo
     """The cost model of a transformers config (a ``PretrainedConfig`` of a supported family)."""
     return CostModel(layer_costs(config), dtype=dtype, recurrent_dtype=recurrent_dtype,
                      name=getattr(text_config(config), "model_type", ""))
-
-
-def splittable_mixer_classes() -> tuple[type, ...]:
-    """Every splittable mixer class of every family that the installed transformers ships."""
-    return tuple(cls for family in _FAMILIES for cls in family.mixer_classes())

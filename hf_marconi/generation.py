@@ -11,6 +11,7 @@ transformers it relies on (cache keywords, which settings fork the cache) comes 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from transformers import GenerationConfig
 
 from . import conventions
 from .kernels.single_pass import single_pass_prefill
@@ -92,9 +94,11 @@ class PrefixCall:
         """Look up the prompt, restore the reusable prefix, and prefill up to each capture position."""
         cache.reset_live()
         started = time.perf_counter()
-        plan = cache.store.plan(input_ids[0].tolist())
+        prompt = input_ids[0].tolist()
+        plan = cache.store.plan(prompt)
         call = cls(cache, input_ids, plan, prefilled=plan.reuse_len)
         cache.last_call = call
+        cache._active_prompt = prompt
         try:
             looked_up = time.perf_counter()
             cache.layout.restore(cache, plan.reuse_edges, plan.reuse_checkpoint, cache.layer_devices)
@@ -200,36 +204,39 @@ class CallPlan:
 
 
 def _plan_call(
-    model: "PreTrainedModel", cache: "MarconiCache", input_ids: torch.Tensor, kwargs: dict[str, Any]
+    config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> CallPlan:
-    if conventions.generate_setting(model, kwargs, "use_cache", True) is False:
+    """What to do with a call, from the settings it runs with (``config``: model defaults, passed config, keywords)."""
+    if config.use_cache is False:
         return CallPlan(reuse=False, without_reuse="use_cache=False", uncached=True)
     if input_ids.shape[0] != 1:
         return CallPlan(reuse=False, without_reuse="batch size > 1")
     for name in ("output_hidden_states", "output_attentions"):
-        if conventions.generate_setting(model, kwargs, name, False):
+        if getattr(config, name, None):
             return CallPlan(reuse=False, without_reuse=f"{name}=True (restored positions have no hidden states or "
                                                         "attentions to return)")
-    if conventions.generate_setting(model, kwargs, "num_return_sequences", 1) > 1:
+    if (config.num_return_sequences or 1) > 1:
         return CallPlan(reuse=False, without_reuse="num_return_sequences > 1")
-    if _may_be_padded(model, input_ids, kwargs.get("attention_mask"), kwargs):
+    if _may_be_padded(config, input_ids, attention_mask):
         return CallPlan(reuse=False, without_reuse="a padded prompt")
-
     return CallPlan(reuse=True)
 
 
-def _refuse_unsupported_modes(model: "PreTrainedModel", cache: "MarconiCache", kwargs: dict[str, Any]) -> None:
-    """Generation modes that rewrite or fork the cache, inputs_embeds, and compiled forwards are refused before
-    anything runs."""
-    rewriting = conventions.cache_rewriting_settings(model, kwargs)
-    if rewriting:
-        name, why = next(iter(rewriting.items()))
+def _refuse_unsupported_modes(
+    model: "PreTrainedModel", cache: "MarconiCache", config: GenerationConfig, kwargs: dict[str, Any]
+) -> None:
+    """Decoding modes that rewrite or fork the cache, inputs_embeds, compiled forwards and a replaced prompt feeder
+    are refused before anything runs."""
+    from .cache import MarconiCacheError
+
+    why = conventions.cache_rewriting_mode(config, kwargs)
+    if why is not None:
         raise ValueError(
-            f"`{name}` is not supported with a MarconiCache ({why}); generate without it, or pass a DynamicCache"
+            f"{why}; a MarconiCache supports greedy decoding and sampling. Generate without it, or pass a DynamicCache"
         )
     if kwargs.get("inputs_embeds") is not None:
         raise ValueError("a MarconiCache looks prompts up by token ids: pass input_ids, not inputs_embeds")
-    if conventions.generate_setting(model, kwargs, "prefill_chunk_size") is not None and cache.pure_recurrent:
+    if config.prefill_chunk_size is not None and cache.pure_recurrent:
         raise ValueError(
             "prefill_chunk_size needs a model with attention layers: transformers' chunked prefill asks the cache "
             "for its length, which a pure recurrent model's cache does not track (it fails with a DynamicCache too)"
@@ -239,6 +246,12 @@ def _refuse_unsupported_modes(model: "PreTrainedModel", cache: "MarconiCache", k
             "this model's forward is wrapped by torch.compile; a MarconiCache restores and copies live states between "
             "forwards, which a compiled graph does not see. Generate with the uncompiled model (or pass a "
             "DynamicCache to the compiled one)"
+        )
+    if cache.pure_recurrent and not isinstance(model.__dict__.get("prepare_inputs_for_generation"), PrepareInputs):
+        raise MarconiCacheError(
+            "model.prepare_inputs_for_generation was replaced after the MarconiCache was built; on a pure recurrent "
+            "model the cache needs its own, which feeds only the prompt tokens past the restored prefix. Build the "
+            "MarconiCache after the library that replaces it, or pass a DynamicCache"
         )
 
 
@@ -254,28 +267,30 @@ def _generate(model: "PreTrainedModel", original: Callable[..., Any], *args: Any
     cache = conventions.find_cache(kwargs)
     if not isinstance(cache, MarconiCache):
         return original(*args, **kwargs)
-    if cache.model is not model:
-        raise MarconiCacheError(
-            f"this MarconiCache belongs to another model instance ({type(cache.model).__name__}, config fingerprint "
-            f"{cache.fingerprint}); build one MarconiCache per model"
-        )
-    _refuse_unsupported_modes(model, cache, kwargs)
-    if args:
-        input_ids, args = args[0], args[1:]
-    else:
-        input_ids = kwargs.pop("inputs", None)
-        input_ids = kwargs.pop("input_ids", None) if input_ids is None else input_ids
-    input_ids = cache.validate_input_ids(input_ids)
-    attention_mask = kwargs.get("attention_mask")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise MarconiCacheError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}; "
-            "they must match"
-        )
     try:
+        if cache.model is not model:
+            raise MarconiCacheError(
+                f"this MarconiCache belongs to another model instance ({type(cache.model).__name__}, config "
+                f"fingerprint {cache.fingerprint}); build one MarconiCache per model"
+            )
+        if args:
+            input_ids, args = args[0], args[1:]
+        else:
+            input_ids = kwargs.pop("inputs", None)
+            input_ids = kwargs.pop("input_ids", None) if input_ids is None else input_ids
+        config = conventions.generation_config_of_call(model, args, kwargs)
+        _refuse_unsupported_modes(model, cache, config, kwargs)
+        input_ids = cache.validate_input_ids(input_ids)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise MarconiCacheError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}; they must match"
+            )
         with cache.call_lock:
+            cache.refuse_nested_call()
             cache.check_weights()
-            plan = _plan_call(model, cache, input_ids, kwargs)
+            plan = _plan_call(config, input_ids, attention_mask)
             with cache.active_call():
                 if not plan.reuse:
                     return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
@@ -309,6 +324,7 @@ def _run_without_reuse(
     """Run a call that cannot reuse stored states: on the live cache as a plain cache (reset first), or without any
     cache for ``use_cache=False``. Nothing is admitted; the store is untouched."""
     cache.bypassed_calls += 1
+    cache.last_call = None
     _WARN.once(plan.without_reuse, (
         f"MarconiCache reuses and admits prefixes for one unpadded sequence per call; a call with "
         f"{plan.without_reuse} runs without reuse and admits nothing"
@@ -321,9 +337,7 @@ def _run_without_reuse(
     return original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache))
 
 
-def _may_be_padded(
-    model: "PreTrainedModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
-) -> bool:
+def _may_be_padded(config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
     """Whether generate will mask some prompt positions: a mask with zeros, or no mask and a prompt holding the pad
     token id, from which generate infers padding (a restored prefix would then disagree with the mask).
 
@@ -332,8 +346,7 @@ def _may_be_padded(
     """
     if attention_mask is not None:
         return not bool(attention_mask.all())
-    pads = _ids(conventions.generate_setting(model, kwargs, "pad_token_id"))
-    eos = _ids(conventions.generate_setting(model, kwargs, "eos_token_id"))
+    pads, eos = _ids(config.pad_token_id), _ids(config.eos_token_id)
     if not pads or set(pads) & set(eos):
         return False
     return any(bool((input_ids == pad).any()) for pad in pads)
@@ -353,7 +366,7 @@ def _run_generate(
     cache: "MarconiCache", original: Callable[..., Any], input_ids: torch.Tensor, args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """Run transformers' generate on a live cache that already holds ``prefilled`` prompt tokens.
+    """Run transformers' generate on a live cache that already holds the restored prefix (and any branch prefill).
 
     generate sees the whole prompt (so ``max_length``, ``min_length``, penalties and streamers count it) and feeds
     only the tokens past the cache: by itself where the cache counts tokens (attention layers), else through
@@ -363,41 +376,67 @@ def _run_generate(
 
 
 # ------------------------------------------------------------------------------------------ installed on the model
-class GenerateWrapper:
-    """``model.generate`` of a model with a MarconiCache installed (an instance attribute).
+class _InstanceMethod:
+    """A method of one model instance replaced by an instance attribute that delegates to what was there before (an
+    earlier instance attribute, e.g. another library's wrapper, or the class's method).
 
-    Picklable and deep-copyable: a copy wraps the copied model, whose forward hooks are module-level functions, so
-    ``copy.deepcopy(model)``, ``pickle`` / ``torch.save(model)`` and ``save_pretrained`` work; a MarconiCache built
-    for the original is refused by the copy (another model instance).
+    It keeps the replaced method's signature (transformers inspects some of them) and pickles / deep-copies with the
+    model: a copy wraps the copied model, not the original.
     """
 
-    def __init__(self, model: "PreTrainedModel") -> None:
+    name: str = ""
+
+    def __init__(self, model: "PreTrainedModel", previous: Callable[..., Any] | None = None) -> None:
         self.model = model
+        self.previous = previous
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        model = self.model
-        return _generate(model, type(model).generate.__get__(model), *args, **kwargs)
+    def inner(self) -> Callable[..., Any]:
+        """What this attribute replaced, bound to the model."""
+        if self.previous is not None:
+            return self.previous
+        return getattr(type(self.model), self.name).__get__(self.model)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (GenerateWrapper, (self.model,))
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.inner())
 
     @property
     def __doc__(self) -> str | None:  # type: ignore[override]
-        return type(self.model).generate.__doc__
+        return getattr(type(self.model), self.name).__doc__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.model, self.previous))
+
+    @classmethod
+    def replace_on(cls, model: "PreTrainedModel") -> None:
+        setattr(model, cls.name, cls(model, model.__dict__.get(cls.name)))
 
 
-class PrepareCacheGuard:
-    """``model._prepare_cache_for_generation`` (an instance attribute): refuses transformers' generate loop on a
-    MarconiCache unless it was entered through ``model.generate`` (the wrapper), e.g. ``GenerationMixin.generate(
-    model, ...)`` called directly, which would run on stale live states without lookup or admission."""
+class GenerateWrapper(_InstanceMethod):
+    """``model.generate`` of a model with a MarconiCache installed: calls with a MarconiCache go through the cache
+    (:func:`_generate`); every other call goes straight to the replaced ``generate``.
 
-    def __init__(self, model: "PreTrainedModel") -> None:
-        self.model = model
+    Picklable and deep-copyable, like the forward hooks (module-level functions): ``copy.deepcopy(model)``,
+    ``pickle`` / ``torch.save(model)`` and ``save_pretrained`` work; a MarconiCache built for the original is refused
+    by the copy (another model instance).
+    """
+
+    name = "generate"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _generate(self.model, self.inner(), *args, **kwargs)
+
+
+class PrepareCacheGuard(_InstanceMethod):
+    """``model._prepare_cache_for_generation``: refuses transformers' generate loop on a MarconiCache unless it was
+    entered through ``model.generate`` (the wrapper), e.g. ``GenerationMixin.generate(model, ...)`` called directly,
+    which would run on stale live states without lookup or admission."""
+
+    name = "_prepare_cache_for_generation"
 
     def __call__(self, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         from .cache import MarconiCache, MarconiCacheError
 
-        model = self.model
         cache = conventions.find_cache(model_kwargs)
         if isinstance(cache, MarconiCache) and not cache.in_active_call():
             raise MarconiCacheError(
@@ -406,24 +445,19 @@ class PrepareCacheGuard:
                 "lookup and admission and would continue stale live states. Call `model.generate(...)`, or pass a "
                 "DynamicCache"
             )
-        return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (PrepareCacheGuard, (self.model,))
+        return self.inner()(generation_config, model_kwargs, *args, **kwargs)
 
 
-class PrepareInputs:
-    """``model.prepare_inputs_for_generation`` (an instance attribute): on the first step of a call through a
-    MarconiCache whose cache counts no tokens (pure Mamba models: generate feeds them the whole prompt), feed only the
-    prompt tokens past the restored prefix, as generate does by itself for caches with attention layers."""
+class PrepareInputs(_InstanceMethod):
+    """``model.prepare_inputs_for_generation`` of a pure recurrent model (installed on those only): on the first step
+    of a call through a MarconiCache, feed only the prompt tokens past the restored prefix. generate feeds a cache that
+    counts no tokens the whole prompt; for caches with attention layers it skips the cached part by itself."""
 
-    def __init__(self, model: "PreTrainedModel") -> None:
-        self.model = model
+    name = "prepare_inputs_for_generation"
 
     def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         from .cache import MarconiCache
 
-        model = self.model
         cache = conventions.find_cache(kwargs)
         skip = 0
         if (isinstance(cache, MarconiCache) and cache.in_active_call() and kwargs.get("is_first_iteration")
@@ -431,14 +465,11 @@ class PrepareInputs:
                 and cache.live_tokens):
             skip = len(cache.live_tokens)
             kwargs["next_sequence_length"] = input_ids.shape[1] - skip
-        inputs = type(model).prepare_inputs_for_generation(model, input_ids, *args, **kwargs)
+        inputs = self.inner()(input_ids, *args, **kwargs)
         mask = inputs.get("attention_mask")
         if skip and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == input_ids.shape[1]:
             inputs["attention_mask"] = mask[:, skip:]
         return inputs
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (PrepareInputs, (self.model,))
 
 
 def _owning_cache(module: torch.nn.Module, kwargs: dict[str, Any]) -> "MarconiCache | None":
@@ -463,17 +494,37 @@ def enter_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
             "a MarconiCache cannot be used inside torch.compile (it restores and copies live states between "
             "forwards); run the uncompiled model with it, or pass a DynamicCache to the compiled one"
         )
-    cache._forward_depth += 1
-    if cache._forward_depth == 1:  # the outermost forward (the inner base model of a CausalLM is already counted)
+    if cache._forward_depth == 0:  # the outermost forward (the inner base model of a CausalLM is counted with it)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if cache.live_tokens is not None:
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
                 cache.live_tokens = None  # embeddings or a batch: the fed tokens are unknown from here on
             else:
-                cache.live_tokens.extend(ids[0].tolist())
+                fed = ids[0].tolist()
+                _check_continues_the_prompt(cache, fed)
+                cache.live_tokens.extend(fed)
+    cache._forward_depth += 1
     if conventions.cache_keywords_used(kwargs) == [cache.keyword]:
         return None
     return args, conventions.with_cache(kwargs, cache.keyword, cache)
+
+
+def _check_continues_the_prompt(cache: "MarconiCache", fed: list[int]) -> None:
+    """Inside a call that restored a prefix, refuse (before the model runs) a forward whose tokens are not the prompt's
+    next ones: whatever fed them (a replaced prompt feeder, a caller re-feeding the prompt) would extend the restored
+    states with the wrong tokens."""
+    prompt, live = cache.active_prompt(), cache.live_tokens
+    if prompt is None or live is None or len(live) >= len(prompt):
+        return
+    expected = prompt[len(live) : len(live) + len(fed)]
+    if fed[: len(expected)] != expected:
+        from .cache import MarconiCacheError
+
+        raise MarconiCacheError(
+            f"a forward inside a MarconiCache call fed tokens that do not continue the prompt past the {len(live)} "
+            "tokens the live cache holds (the restored prefix); feed input_ids[:, call.prefilled:] "
+            "(cache.request) or call model.generate with the whole prompt"
+        )
 
 
 def leave_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -483,14 +534,15 @@ def leave_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
         cache._forward_depth -= 1
 
 
-def install(model: "PreTrainedModel") -> None:
-    """Wrap ``model.generate``, guard transformers' generate loop, and hook the forwards of the model and its base
-    model (once per model instance)."""
+def install(model: "PreTrainedModel", pure_recurrent: bool) -> None:
+    """Wrap ``model.generate``, guard transformers' generate loop, feed pure recurrent models only the uncached prompt,
+    and hook the forwards of the model and its base model (once per model instance)."""
     if getattr(model, _INSTALLED, False):
         return
-    model.generate = GenerateWrapper(model)
-    model._prepare_cache_for_generation = PrepareCacheGuard(model)
-    model.prepare_inputs_for_generation = PrepareInputs(model)
+    GenerateWrapper.replace_on(model)
+    PrepareCacheGuard.replace_on(model)
+    if pure_recurrent:
+        PrepareInputs.replace_on(model)
     for module in {model, model.base_model}:
         module.register_forward_pre_hook(enter_forward, with_kwargs=True)
         module.register_forward_hook(leave_forward, with_kwargs=True, always_call=True)

@@ -27,7 +27,8 @@ _warned_unverified = False
 
 
 def installed_transformers_version() -> Version:
-    return Version(Version(transformers.__version__).base_version)
+    """The installed release (without pre-release parts): every check here reads it through this function."""
+    return Version(conventions.INSTALLED.base_version)
 
 
 def _config_of(model_or_config: nn.Module | PretrainedConfig) -> PretrainedConfig:
@@ -83,7 +84,7 @@ def check_supported(model_or_config: nn.Module | PretrainedConfig) -> None:
                 f"Mamba2ForCausalLM for a pure-SSM model."
             )
     if isinstance(model_or_config, nn.Module):
-        for fix in family.needed_fixes():
+        for fix in family.needed_fixes(installed_transformers_version()):
             fix.check(model_or_config)
 
 
@@ -97,7 +98,7 @@ def apply_fixes(model: nn.Module) -> list[str]:
     check_supported(model)
     config = _config_of(model)
     names = []
-    for fix in family_of(config).needed_fixes():
+    for fix in family_of(config).needed_fixes(installed_transformers_version()):
         if fix.install(model) == 0:
             raise UnsupportedModelError(
                 f"hf_marconi's fix {fix.name!r} found none of the modules it corrects in this {config.model_type!r} "

@@ -29,11 +29,12 @@ from hf_marconi.kernels import (
 from hf_marconi.kernels.__main__ import main as kernels_main
 from hf_marconi.states import KVEdge, StateCheckpoint, StateLayout
 from hf_marconi import conventions
-from hf_marconi.families import splittable_mixer_classes
+from hf_marconi.families import FAMILIES, family_of
 from hf_marconi.testing import DELTA_RULE_CHUNK_SIZE, SSD_CHUNK_SIZE, build_model, cache_keyword
 
-SSD_FAMILIES = ("bamba", "nemotron_h", "falcon_h1", "granitemoehybrid", "zamba2", "mamba2")
-DELTA_AND_CONV_FAMILIES = ("qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear", "lfm2")
+SSD_FAMILIES = tuple(name for name, record in FAMILIES.items() if record.zoo.recurrent_kind == "mamba2")
+DELTA_AND_CONV_FAMILIES = tuple(name for name, record in FAMILIES.items()
+                                if record.zoo.recurrent_kind in ("gated_delta_net", "kimi_delta_attention", "short_conv"))
 TWO_PASS_ATOL = 1e-10  # single pass vs two pass: the same computation, float64 rounding only
 # ...except after a mixture-of-experts layer: its router's softmax runs in float32, so the 1e-16 differences from
 # running attention / MLPs over [start, end) at once instead of in two pieces can flip a float32 rounding there.
@@ -64,7 +65,7 @@ DELTA_CASES = [
 def _forward(model, family: str, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Logits of a forward over ``ids`` at positions ``start..``, continuing ``cache``."""
     kwargs = {cache_keyword(family): cache, "use_cache": True}
-    if family != "mamba2":
+    if not FAMILIES[family].pure_recurrent:
         kwargs["position_ids"] = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
         return model(input_ids=ids, **kwargs).logits
@@ -169,7 +170,7 @@ def test_checkpoints_are_copies_shaped_like_take_checkpoint():
 def test_mixers_are_restored_after_the_block_even_on_error():
     model = build_model("nemotron_h", dtype=torch.float64)
     mixers = recurrent_mixers(model)
-    assert mixers and all(type(m) in splittable_mixer_classes() for m in mixers.values())
+    assert mixers and all(type(m) in family_of(model).mixer_classes() for m in mixers.values())
     cache = _fresh_cache(model)
     with pytest.raises(RuntimeError, match="got 5 tokens"):
         with capture_branch_states(model, cache, 0, 12, [6]):

@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache
 from transformers.generation import GenerationMixin
 
+from conftest import fresh_cache
 from hf_marconi import MarconiCache, MarconiCacheError, conventions
 from hf_marconi.kernels import recurrent_mixers
-from hf_marconi.testing import build_model, cache_keyword
+from hf_marconi.testing import build_model
 
 CAPACITY = 32 * 2**20
 SETTINGS = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -26,8 +26,7 @@ def _tokens(n: int, seed: int) -> torch.Tensor:
 
 
 def _uncached(model, prompt: torch.Tensor, **settings) -> torch.Tensor:
-    keyword = cache_keyword("mamba2" if model.config.model_type == "mamba2" else "bamba")
-    return model.generate(prompt, **{keyword: DynamicCache(config=model.config)}, **dict(SETTINGS, **settings))
+    return model.generate(prompt, **fresh_cache(model), **dict(SETTINGS, **settings))
 
 
 def _store_view(cache: MarconiCache) -> tuple:
@@ -252,3 +251,125 @@ def test_the_package_does_not_install_a_top_level_eval_module():
     config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
     included = config["options.packages.find"]["include"].split()
     assert included and all(name.startswith("hf_marconi") for name in included)
+
+
+# --------------------------------------------------------------------------------- settings and nested calls
+def test_settings_on_the_models_generation_config_or_a_positional_config_are_honoured(warmed):
+    """The wrapper decides from the settings generate will run with: the model's generation_config, then a passed
+    config (keyword or positional), then keywords. num_beams=2 from any of them is refused before anything runs."""
+    from transformers import GenerationConfig
+
+    model, cache, first = warmed
+    before = _store_view(cache)
+    prompt = torch.cat([first, _tokens(4, 17)], dim=-1)
+    model.generation_config.num_beams = 2
+    try:
+        with pytest.raises(ValueError, match="beam search"):
+            model.generate(prompt, past_key_values=cache, max_new_tokens=2)
+    finally:
+        model.generation_config.num_beams = 1
+    for passed in ({"generation_config": GenerationConfig(num_beams=2, max_new_tokens=2)},):
+        with pytest.raises(ValueError, match="beam search"):
+            model.generate(prompt, past_key_values=cache, **passed)
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(prompt, GenerationConfig(num_beams=2, max_new_tokens=2), past_key_values=cache)
+    assert _store_view(cache) == before
+
+
+def test_pad_id_from_the_models_generation_config_is_seen_with_a_passed_config(warmed):
+    """A prompt holding the pad id, no mask, settings from a passed config that does not repeat pad_token_id:
+    generate takes the pad id from the model's config and infers padding, so the call must run without reuse."""
+    from transformers import GenerationConfig
+
+    model, cache, first = warmed
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    prompt = torch.cat([first, torch.tensor([[0, 40, 41]])], dim=-1)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False)
+    out = model.generate(prompt, config, past_key_values=cache)
+    assert cache.stats()["bypassed_calls"] == 1
+    assert torch.equal(out, model.generate(prompt, config))
+
+
+def test_a_call_inside_another_call_of_the_same_model_is_refused(warmed):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, cache, first = warmed
+    errors: list[BaseException] = []
+
+    class CallsGenerate(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            try:
+                model.generate(_tokens(5, 18), past_key_values=cache, **SETTINGS)
+            except MarconiCacheError as error:
+                errors.append(error)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    prompt = torch.cat([first, _tokens(4, 19)], dim=-1)
+    out = model.generate(prompt, past_key_values=cache, stopping_criteria=StoppingCriteriaList([CallsGenerate()]),
+                         **SETTINGS)
+    assert errors and "inside another call" in str(errors[0])
+    assert torch.equal(out, _uncached(model, prompt))
+    with pytest.raises(MarconiCacheError, match="inside another call"):
+        with cache.request(prompt):
+            model.generate(prompt, past_key_values=cache, **SETTINGS)
+
+
+def test_a_forward_that_does_not_continue_the_prompt_is_refused_before_it_runs(warmed):
+    model, cache, first = warmed
+    prompt = torch.cat([first, _tokens(4, 20)], dim=-1)
+    before = _store_view(cache)
+    with pytest.raises(MarconiCacheError, match="do not continue the prompt"):
+        with cache.request(prompt) as call:
+            assert call.prefilled > 0
+            model(prompt, past_key_values=cache)  # the whole prompt again, on top of the restored prefix
+    after = _store_view(cache)
+    assert (after[0], after[2]) == (before[0], before[2]), "stored states unchanged (the lookup was counted)"
+
+
+def test_a_replaced_prompt_feeder_on_a_pure_mamba_model_is_refused():
+    model = build_model("mamba2")
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    first = model.generate(_tokens(16, 21), past_key_values=cache, **SETTINGS)
+    model.prepare_inputs_for_generation = type(model).prepare_inputs_for_generation.__get__(model)
+    with pytest.raises(MarconiCacheError, match="prepare_inputs_for_generation was replaced"):
+        model.generate(torch.cat([first, _tokens(3, 22)], dim=-1), past_key_values=cache, **SETTINGS)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_generate_without_a_marconi_cache_is_unchanged_after_building_one(family):
+    """The instance-level attributes keep the signatures transformers inspects: inputs_embeds generation (no
+    MarconiCache) works as on a model that never had a cache."""
+    model = build_model(family)
+    embeds = model.get_input_embeddings()(_tokens(6, 23))
+    expected = model.generate(inputs_embeds=embeds, **SETTINGS)
+    MarconiCache(model, capacity_bytes=CAPACITY)
+    assert torch.equal(model.generate(inputs_embeds=embeds, **SETTINGS), expected)
+
+
+def test_an_earlier_instance_level_generate_is_kept():
+    model = build_model("bamba")
+    seen = []
+    original = model.generate
+
+    def wrapper(*args, **kwargs):  # another library's per-instance wrapper
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    model.generate = wrapper
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    model.generate(_tokens(8, 24), **SETTINGS)
+    model.generate(_tokens(8, 24), past_key_values=cache, **SETTINGS)
+    assert len(seen) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_streamer_is_ended_when_the_call_is_refused(warmed):
+    from transformers import TextIteratorStreamer
+
+    from hf_marconi.pipeline import byte_level_tokenizer
+
+    model, cache, _ = warmed
+    streamer = TextIteratorStreamer(byte_level_tokenizer(), timeout=60)
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(_tokens(6, 25), past_key_values=cache, streamer=streamer, num_beams=2, max_new_tokens=2)
+    assert "".join(streamer) == ""  # ended at once, not after the timeout

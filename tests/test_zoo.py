@@ -9,7 +9,7 @@ from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerM
 from conftest import skip_unless_available
 from hf_marconi import support
 from hf_marconi.testing import (
-    ALL_FAMILIES, FAMILIES, build_model, cache_keyword, family_spec, is_supported, make_config,
+    ALL_FAMILIES, FAMILIES, build_model, cache_keyword, is_supported, make_config,
 )
 
 # Families with only one kind of layer: the controls.

@@ -17,8 +17,8 @@ class Fix:
     """One correction of transformers' continuation from a populated cache.
 
     ``broken_in`` is the set of transformers releases whose unfixed model continues wrongly (checked per release by
-    ``tests/test_fixes.py``, which runs the unfixed model on the installed release); the fix is installed on those
-    releases only, since a fix that applies twice is as wrong as a missing one. ``check`` raises
+    ``tests/test_conformance.py``, which runs the unfixed model on the installed release); the fix is installed on
+    those releases only, since a fix that applies twice is as wrong as a missing one. ``check`` raises
     ``UnsupportedModelError`` when the installed transformers is not built the way the fix expects. ``install``
     patches the modules of one model instance that need it, skipping those it patched before (so installing twice
     changes nothing), and returns how many modules the fix targets: 0 means the model is not built as expected.
@@ -69,8 +69,3 @@ def patch_forward(module: nn.Module, patch: Callable[..., Any]) -> None:
     if isinstance(current, InstanceForward) and current.patch is patch:
         return
     module.forward = InstanceForward(module, patch, current)
-
-
-def is_patched(module: nn.Module, patch: Callable[..., Any]) -> bool:
-    current = module.__dict__.get("forward")
-    return isinstance(current, InstanceForward) and current.patch is patch

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from ..families import splittable_mixer_classes
+from ..families import family_of
 from ..states import DeviceSpec, StateCheckpoint, StateLayout, map_payload
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ def recurrent_mixers(model: nn.Module) -> dict[int, nn.Module]:
     records of :mod:`hf_marconi.families` name: forward(hidden_states, <cache keyword>=..., attention_mask=...,
     **kwargs) reads and writes the conv + recurrent state of exactly its own ``layer_idx``, and continues exactly
     from them)."""
-    classes = splittable_mixer_classes()
+    family = family_of(model)
+    classes = family.mixer_classes() if family is not None else ()
     return {module.layer_idx: module for module in model.modules() if type(module) in classes}
 
 
