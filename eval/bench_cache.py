@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from hf_marconi import MarconiCache
+from hf_marconi.families import cache_keyword_of
 from hf_marconi.generation import CallTimings
 from hf_marconi.trace import Request
 
@@ -103,7 +104,8 @@ def timed_generate(model, prompt: torch.Tensor, cache, new_tokens: int) -> tuple
     settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=None, streamer=clock)
     start = time.perf_counter()
     with torch.no_grad():
-        output = model.generate(prompt, past_key_values=cache, **settings)
+        # The installed release's keyword: a MarconiCache takes any spelling, a DynamicCache warns on the old one.
+        output = model.generate(prompt, **{cache_keyword_of(model): cache}, **settings)
     return output, clock.first_token_at - start
 
 

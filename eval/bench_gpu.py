@@ -165,7 +165,8 @@ class Bench:
     def generate(self, ids: torch.Tensor, cache: Any, new_tokens: int) -> torch.Tensor:
         with torch.no_grad():
             return self.model.generate(
-                ids, **{cache_keyword_of(self.model): cache}, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                ids, **{cache_keyword_of(self.model): cache}, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False,
                 attention_mask=torch.ones_like(ids),
             )
 

@@ -96,7 +96,8 @@ def _build_causal_conv1d(wheels: Path, site: Path) -> list[str]:
         f"if ! ls {wheels}/causal_conv1d-*.whl >/dev/null 2>&1; then "
         f"{sys.executable} -m pip wheel -v --no-index --no-deps --no-build-isolation -w {wheels} "
         f"{REPO}/.whl/causal_conv1d-*.tar.gz; fi; "
-        f"{sys.executable} -m pip install -q --no-index --no-deps --upgrade --target {site} {wheels}/causal_conv1d-*.whl"
+        f"{sys.executable} -m pip install -q --no-index --no-deps --upgrade --target {site} "
+        f"{wheels}/causal_conv1d-*.whl"
     )
     return ["bash", "-c", script]
 

@@ -59,7 +59,8 @@ def main() -> None:
         with_cache = model.generate(prompt, past_key_values=cache, **settings)
         cached_s = time.perf_counter() - start
         start = time.perf_counter()
-        without_cache = model.generate(prompt, **{cache_keyword_of(model): DynamicCache(config=model.config)}, **settings)
+        uncached = {cache_keyword_of(model): DynamicCache(config=model.config)}
+        without_cache = model.generate(prompt, **uncached, **settings)
         uncached_s = time.perf_counter() - start
 
         same = torch.equal(with_cache, without_cache)
