@@ -27,7 +27,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
-from . import conventions, generation
+from . import conventions, generation, instance
+from .errors import MarconiCacheError
 from .families import cache_keyword_of, cost_model, family_of
 from .policies import WIDE_ALPHA_GRID, AlphaTuner, Policy, make_policy
 from .states import DeviceSpec, StateLayout
@@ -35,10 +36,6 @@ from .store import PrefixStore, StateSizes
 from .support import apply_fixes, check_supported
 
 logger = logging.getLogger(__name__)
-
-
-class MarconiCacheError(ValueError):
-    """Bad input to a MarconiCache: raised before the store is touched, so the store is unchanged."""
 
 
 def config_fingerprint(config: Any) -> str:
@@ -117,6 +114,9 @@ class MarconiCache(DynamicCache):
     model's weights change (in place, or by ``.to(dtype)``), the stored states are dropped at the next call.
     """
 
+    # What the generate wrapper and the forward hooks recognise a MarconiCache by (they do not import this module).
+    is_marconi_cache = True
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -161,11 +161,11 @@ class MarconiCache(DynamicCache):
         self.invalidations = 0
         # One call at a time owns the model's live layers and mixers, whichever of its caches it uses; reentrant so
         # a generate wrapper may run forwards under it.
-        self.call_lock = generation.model_lock(model)
+        self.call_lock = instance.model_lock(model)
         self._active_thread: int | None = None
         self._active_prompt: list[int] | None = None  # the prompt of the call in flight that restored a prefix
         self._weights = weights_signature(model)
-        generation.install(model, self.pure_recurrent)
+        instance.install(model, self.pure_recurrent)
 
     # ----------------------------------------------------------- calls
     @contextmanager
@@ -217,7 +217,7 @@ class MarconiCache(DynamicCache):
         warnings.warn(
             f"the model's weights changed since MarconiCache stored its states; dropped {freed} bytes of stored "
             "states (they belong to the old weights)",
-            stacklevel=4,  # check_weights <- _generate <- GenerateWrapper.__call__ <- the caller
+            stacklevel=4,  # check_weights <- generate_with_cache <- GenerateWrapper.__call__ <- the caller
         )
 
     def _measure(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 
-import transformers
 from packaging.version import Version
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig

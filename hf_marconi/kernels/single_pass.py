@@ -46,6 +46,7 @@ from ..states import DeviceSpec, StateCheckpoint, StateLayout, map_payload
 if TYPE_CHECKING:
     from ..cache import MarconiCache
 
+
 def recurrent_mixers(model: nn.Module) -> dict[int, nn.Module]:
     """The splittable mixer of each layer index, for every splittable mixer in ``model`` (the mixer classes the family
     records of :mod:`hf_marconi.families` name: forward(hidden_states, <cache keyword>=..., attention_mask=...,
