@@ -82,12 +82,19 @@ def _state_devices(scratch: DynamicCache, default: torch.device) -> dict[int, to
     return devices
 
 
-def weights_signature(model: torch.nn.Module) -> tuple[tuple[int, int, torch.dtype], ...]:
-    """What changes when a model's weights change through autograd-visible tensors: each parameter's storage, in-place
-    version counter and dtype. ``load_state_dict`` and optimizer steps bump the version; ``.to`` replaces the storage.
-    Cheap: no tensor data is read. Not seen: writes through ``param.data`` (which bypass the version counter) and
-    adapter switches that change no parameter; call ``cache.clear()`` after those."""
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+def weights_signature(model: torch.nn.Module) -> tuple[Any, ...]:
+    """What changes when a model's weights change: each parameter's storage, in-place version counter and dtype
+    (``load_state_dict``, optimizer steps and ``.to`` move them), and the sum of 8 values sampled along each parameter
+    (writes through ``param.data``, e.g. an adapter merged by ``weight.data += delta``, bypass the version counter).
+    About 1 ms per 50 parameters on a CPU, one device sync per device. Not seen: an edit that misses every sampled
+    value, and adapter switches that change no parameter: call ``cache.clear()`` after those."""
+    storage, samples = [], {}
+    for param in model.parameters():
+        storage.append((param.data_ptr(), param._version, param.dtype))
+        if param.device.type != "meta" and param.numel():
+            flat = param.detach().reshape(-1)
+            samples.setdefault(param.device, []).append(flat[:: max(1, flat.numel() // 8)][:8].float().sum())
+    return tuple(storage), tuple(torch.stack(values).tolist() for values in samples.values())
 
 
 class MarconiCache(DynamicCache):
