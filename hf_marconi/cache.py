@@ -82,19 +82,48 @@ def _state_devices(scratch: DynamicCache, default: torch.device) -> dict[int, to
     return devices
 
 
-def weights_signature(model: torch.nn.Module) -> tuple[Any, ...]:
-    """What changes when a model's weights change: each parameter's storage, in-place version counter and dtype
-    (``load_state_dict``, optimizer steps and ``.to`` move them), and the sum of 8 values sampled along each parameter
-    (writes through ``param.data``, e.g. an adapter merged by ``weight.data += delta``, bypass the version counter).
-    About 1 ms per 50 parameters on a CPU, one device sync per device. Not seen: an edit that misses every sampled
-    value, and adapter switches that change no parameter: call ``cache.clear()`` after those."""
-    storage, samples = [], {}
-    for param in model.parameters():
-        storage.append((param.data_ptr(), param._version, param.dtype))
-        if param.device.type != "meta" and param.numel():
-            flat = param.detach().reshape(-1)
-            samples.setdefault(param.device, []).append(flat[:: max(1, flat.numel() // 8)][:8].float().sum())
-    return tuple(storage), tuple(torch.stack(values).tolist() for values in samples.values())
+class WeightsWatch:
+    """Notices when a model's weights change, cheaply enough to ask before every call.
+
+    It compares each parameter's storage, in-place version counter and dtype (``load_state_dict``, optimizer steps
+    and ``.to`` move them) and 8 values sampled along each parameter (writes through ``param.data``, e.g. an adapter
+    merged by ``weight.data += delta``, bypass the version counter). The sample views are built once per storage
+    layout and read with one ``torch.cat`` and one sync per device. Not seen: an edit that misses every sampled value,
+    adapter switches that change no parameter, and parameters offloaded to the meta device between calls; call
+    ``cache.clear()`` after those.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._storage: tuple[Any, ...] | None = None
+        self._views: dict[torch.device, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        self.signature = self._current()
+
+    def _current(self) -> tuple[Any, ...]:
+        params = list(self.model.parameters())
+        layout = tuple((p.data_ptr(), p.dtype, p.device) for p in params)
+        if layout != self._storage:
+            self._storage, self._views = layout, {}
+            for param in params:
+                if param.device.type != "meta" and param.numel():
+                    count = param.numel()
+                    positions = torch.arange(0, count, max(1, count // 8), device=param.device)[:8]
+                    self._views.setdefault(param.device, []).append((param, positions))
+        samples = tuple(
+            # take() reads the sampled positions of any layout without copying the tensor; NaN and inf become numbers,
+            # so that a weight holding them still equals itself.
+            torch.cat([torch.take(p.detach(), idx) for p, idx in views]).float().nan_to_num(0.0, 1.0, -1.0).tolist()
+            for views in self._views.values()
+        )
+        return layout, tuple(p._version for p in params), samples
+
+    def changed(self) -> bool:
+        """Whether the weights changed since the last call to ``changed`` (or since construction)."""
+        current = self._current()
+        if current == self.signature:
+            return False
+        self.signature = current
+        return True
 
 
 class MarconiCache(DynamicCache):
@@ -171,7 +200,8 @@ class MarconiCache(DynamicCache):
         self.call_lock = instance.model_lock(model)
         self._active_thread: int | None = None
         self._active_prompt: list[int] | None = None  # the prompt of the call in flight that restored a prefix
-        self._weights = weights_signature(model)
+        self._loops_in_call = 0  # transformers generate loops entered by the call in flight (one is allowed)
+        self._weights = WeightsWatch(model)
         instance.install(model, self.pure_recurrent)
 
     # ----------------------------------------------------------- calls
@@ -184,6 +214,7 @@ class MarconiCache(DynamicCache):
         finally:
             self._active_thread = None
             self._active_prompt = None
+            self._loops_in_call = 0
 
     def in_active_call(self) -> bool:
         return self._active_thread == threading.get_ident()
@@ -212,14 +243,12 @@ class MarconiCache(DynamicCache):
     def check_weights(self) -> None:
         """Drop the stored states if the model's weights changed since they were stored (a stored state is a function
         of the weights; reusing it after a training step, a merged adapter or a dtype change gives wrong tokens)."""
-        signature = weights_signature(self.model)
-        if signature == self._weights:
+        if not self._weights.changed():
             return
         with self.call_lock:
             freed = self.store.clear()
             self._measure()
             self.reset_live()
-            self._weights = weights_signature(self.model)
             self.invalidations += 1
         warnings.warn(
             f"the model's weights changed since MarconiCache stored its states; dropped {freed} bytes of stored "

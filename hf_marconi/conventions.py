@@ -104,21 +104,19 @@ def continuation_kwargs(
 
 
 def generation_config_of_call(model: "nn.Module", args: tuple[Any, ...], kwargs: dict[str, Any]) -> GenerationConfig:
-    """The settings a ``generate`` call runs with, resolved as transformers resolves them (5.23 and 5.24): the model's
-    ``generation_config``, then the fields a passed config sets (``generation_config=`` or the first positional
-    argument after the inputs; unset fields are None in 5.x), then the call's keywords (an explicit None included).
-    A copy: nothing of the model's or the caller's config changes."""
-    config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+    """The settings a ``generate`` call runs with, resolved as ``GenerationMixin._prepare_generation_config`` resolves
+    them (5.23 and 5.24): the passed config (``generation_config=`` or the first positional argument after the
+    inputs; else an empty one), its unset (None) fields filled from the model's ``generation_config`` and then from
+    transformers' global defaults, then the call's keywords (an explicit None included). A copy: nothing of the
+    model's or the caller's config changes."""
     passed = kwargs.get("generation_config")
     if passed is None and args and isinstance(args[0], GenerationConfig):
         passed = args[0]
-    if passed is not None:
-        for key, value in passed.to_dict().items():
-            if value is not None and not key.startswith("_") and key != "transformers_version":
-                setattr(config, key, value)
-    for key, value in kwargs.items():
-        if key != "generation_config" and hasattr(config, key):
-            setattr(config, key, value)
+    config = copy.deepcopy(passed) if passed is not None else GenerationConfig()
+    model_config = getattr(model, "generation_config", None) or GenerationConfig()
+    config.update(**model_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    config.update(**model_config._get_default_generation_params(), defaults_only=True)
+    config.update(**{key: value for key, value in kwargs.items() if key != "generation_config"})
     return config
 
 

@@ -57,6 +57,7 @@ class _InstanceMethod:
     def __init__(self, model: "PreTrainedModel", previous: Callable[..., Any] | None = None) -> None:
         self.model = model
         self.previous = previous
+        self.__doc__ = getattr(type(model), self.name).__doc__  # what help(model.generate) shows
 
     def inner(self) -> Callable[..., Any]:
         """What this attribute replaced, bound to the model."""
@@ -67,10 +68,6 @@ class _InstanceMethod:
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(self.inner())
-
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        return getattr(type(self.model), self.name).__doc__
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.model, self.previous))
@@ -113,7 +110,9 @@ class PrepareCacheGuard(_InstanceMethod):
 
     def __call__(self, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         cache = conventions.find_cache(model_kwargs)
-        if is_marconi_cache(cache) and not cache.in_active_call():
+        if is_marconi_cache(cache) and cache.in_active_call():
+            cache._loops_in_call += 1
+        if is_marconi_cache(cache) and (not cache.in_active_call() or cache._loops_in_call > 1):
             raise MarconiCacheError(
                 "a MarconiCache was passed to transformers' generate without going through `model.generate` (e.g. "
                 "`GenerationMixin.generate(model, ...)` or a subclass's `super().generate(...)`), which skips its "

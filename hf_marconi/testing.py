@@ -24,7 +24,7 @@ import torch
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .families import (  # noqa: F401  (the zoo's constants, re-exported for tests)
+from .families import (  # noqa: F401  (the zoo's constants live in the family records; re-exported for tests)
     DELTA_RULE_CHUNK_SIZE,
     FAMILIES as _RECORDS,
     HIDDEN_SIZE,
@@ -33,6 +33,9 @@ from .families import (  # noqa: F401  (the zoo's constants, re-exported for tes
     VOCAB_SIZE,
     ZooSpec,
 )
+
+__all__ = ["ALL_FAMILIES", "DELTA_RULE_CHUNK_SIZE", "FAMILIES", "HIDDEN_SIZE", "INITIALIZER_RANGE", "SSD_CHUNK_SIZE",
+           "VOCAB_SIZE", "build_model", "cache_keyword", "family_spec", "is_available", "is_supported", "make_config"]
 
 # Every family the zoo knows, whether or not the installed transformers ships it.
 ALL_FAMILIES: tuple[str, ...] = tuple(_RECORDS)

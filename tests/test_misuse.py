@@ -373,3 +373,44 @@ def test_a_streamer_is_ended_when_the_call_is_refused(warmed):
     with pytest.raises(ValueError, match="beam search"):
         model.generate(_tokens(6, 25), past_key_values=cache, streamer=streamer, num_beams=2, max_new_tokens=2)
     assert "".join(streamer) == ""  # ended at once, not after the timeout
+
+
+def test_a_weight_holding_nan_does_not_invalidate_every_call():
+    model = build_model("bamba")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0, 0] = float("nan")  # e.g. a never-loaded padding row
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    first = model.generate(_tokens(12, 26), past_key_values=cache, **SETTINGS)
+    model.generate(torch.cat([first, _tokens(3, 27)], dim=-1), past_key_values=cache, **SETTINGS)
+    assert cache.stats()["invalidations"] == 0 and cache.stats()["hits"] == 1
+
+
+def test_contrastive_search_from_penalty_alpha_alone_is_refused(warmed):
+    """transformers fills top_k=50 from its global defaults, so penalty_alpha alone selects contrastive search."""
+    model, cache, _ = warmed
+    before = _store_view(cache)
+    with pytest.raises(ValueError, match="contrastive search"):
+        model.generate(_tokens(6, 28), past_key_values=cache, penalty_alpha=0.6, max_new_tokens=2)
+    assert _store_view(cache) == before
+
+
+def test_a_direct_generate_loop_nested_in_an_active_call_is_refused(warmed):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, cache, first = warmed
+    errors: list[BaseException] = []
+
+    class CallsTransformersGenerate(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            try:
+                keyword = conventions.cache_keyword("past_key_values")
+                GenerationMixin.generate(model, _tokens(40, 29), **{keyword: cache}, max_new_tokens=1, pad_token_id=0)
+            except MarconiCacheError as error:
+                errors.append(error)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    prompt = torch.cat([first, _tokens(4, 30)], dim=-1)
+    out = model.generate(prompt, past_key_values=cache,
+                         stopping_criteria=StoppingCriteriaList([CallsTransformersGenerate()]), **SETTINGS)
+    assert errors and "model.generate" in str(errors[0])
+    assert torch.equal(out, _uncached(model, prompt))
