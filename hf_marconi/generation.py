@@ -50,6 +50,20 @@ class CallTimings:
         return self.lookup_s + self.restore_s + self.admit_s
 
 
+@dataclass(frozen=True)
+class CallRecord:
+    """What one call got from the cache, for the caller that made it (``output.marconi_record`` on a generate output
+    with ``return_dict_in_generate=True``; ``call.record()`` in ``cache.request``): unlike ``cache.last_call``, another
+    thread's call cannot overwrite it."""
+
+    prompt_tokens: int
+    reused_tokens: int  # restored from the store instead of prefilled (0 on a miss)
+    unresumable_tokens: int  # stored tokens the prompt matched past the deepest checkpoint: cached but not resumable
+    hit_kind: str | None  # "purely_input" (a shared prompt's branch point), "input_output" (an earlier turn), None
+    timings: CallTimings
+    without_reuse: str = ""  # why the call ran without reuse; "" when it looked its prompt up
+
+
 @dataclass
 class PrefixCall:
     """One request's passage through the cache (batch size 1).
@@ -70,6 +84,11 @@ class PrefixCall:
     @property
     def reused(self) -> int:
         return self.plan.reuse_len
+
+    def record(self) -> CallRecord:
+        prompt = self.input_ids.shape[-1]
+        unresumable = max(0, min(self.plan.matched_len, prompt - 1) - self.reused)
+        return CallRecord(prompt, self.reused, unresumable, self.plan.hit_kind, self.timings)
 
     def __repr__(self) -> str:
         return (f"PrefixCall(prompt={self.input_ids.shape[-1]} tokens, reused={self.reused}, "
@@ -287,7 +306,7 @@ def generate_with_cache(
                     call.abort()
                     raise
                 call.finish()
-                return output
+                return _with_record(output, call.record())
     except BaseException:
         _end_stream(kwargs.get("streamer"))
         raise
@@ -316,11 +335,19 @@ def _run_without_reuse(
         f"{plan.without_reuse} runs without reuse and admits nothing"
     ))
     cache.reset_live()
+    record = CallRecord(input_ids.shape[-1], 0, 0, None, CallTimings(), without_reuse=plan.without_reuse)
     if plan.uncached:
         kwargs = {name: value for name, value in kwargs.items() if name not in conventions.CACHE_KEYWORDS}
-        return original(input_ids, *args, **kwargs)
+        return _with_record(original(input_ids, *args, **kwargs), record)
     cache.live_tokens = None  # several rows or masked positions: the live layers no longer follow one token list
-    return original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache))
+    return _with_record(original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache)), record)
+
+
+def _with_record(output: Any, record: CallRecord) -> Any:
+    """``output`` with the call's record attached, where generate returned an output object (not a bare tensor)."""
+    if not isinstance(output, torch.Tensor):
+        output.marconi_record = record
+    return output
 
 
 def _may_be_padded(config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:

@@ -80,6 +80,10 @@ class StoreStats:
     hits_input_output: int = 0
     hit_tokens_purely_input: int = 0
     hit_tokens_input_output: int = 0
+    # Lookups whose prompt matched stored tokens past the deepest checkpoint: those tokens were cached as KV but could
+    # not be resumed (a recurrent state exists only at checkpoints). What users of hybrid prefix caching ask first.
+    unresumable_lookups: int = 0
+    unresumable_tokens: int = 0
     commits: int = 0
     kv_tokens_admitted: int = 0
     checkpoints_admitted: int = 0
@@ -210,7 +214,7 @@ class PrefixStore:
                 raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
             receipt = self._tree.lock(reused if reused is not None else self._tree.root)
             self._open[id(receipt)] = receipt
-            self._count_lookup(ids, reused)
+            self._count_lookup(ids, reused, unresumable=max(0, min(match.matched_len, limit) - reuse_len))
             return RequestPlan(
                 input_ids=ids,
                 reuse_len=reuse_len,
@@ -236,9 +240,12 @@ class PrefixStore:
             return matched
         return None
 
-    def _count_lookup(self, ids: tuple[int, ...], reused: Node | None) -> None:
+    def _count_lookup(self, ids: tuple[int, ...], reused: Node | None, unresumable: int) -> None:
         stats = self._stats
         stats.lookups += 1
+        if unresumable:
+            stats.unresumable_lookups += 1
+            stats.unresumable_tokens += unresumable
         stats.input_tokens += len(ids)
         stats.input_flops += self.costs.extend_flops(0, len(ids))
         if reused is None:
