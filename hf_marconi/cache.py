@@ -353,7 +353,9 @@ class MarconiCache(DynamicCache):
 
     # ------------------------------------------------------- manual forwards
     @contextmanager
-    def request(self, input_ids: torch.Tensor) -> Iterator["generation.PrefixCall"]:
+    def request(
+        self, input_ids: torch.Tensor, cache_salt: str | None = None, cache_salt_from: int = 0
+    ) -> Iterator["generation.PrefixCall"]:
         """Lookup and admission around plain forwards (what ``generate`` gets automatically).
 
         ::
@@ -362,6 +364,9 @@ class MarconiCache(DynamicCache):
                 out = model(ids[:, call.prefilled:], past_key_values=cache)   # or cache=cache
                 ...                                   # more forwards (decode steps) on the same cache
             # on leaving without an exception, the tokens fed are admitted; on an exception, the store is unchanged
+
+        ``cache_salt`` / ``cache_salt_from``: the call's namespace, as for ``generate`` (see
+        :class:`~hf_marconi.generation.CacheSalt`).
         """
         with self.call_lock:
             input_ids = self.validate_input_ids(input_ids)
@@ -372,7 +377,8 @@ class MarconiCache(DynamicCache):
             self.refuse_nested_call()
             self.check_weights()
             with self.active_call():
-                call = generation.PrefixCall.begin(self, input_ids)
+                salt = generation.CacheSalt.from_kwargs({"cache_salt": cache_salt, "cache_salt_from": cache_salt_from})
+                call = generation.PrefixCall.begin(self, input_ids, salt)
                 try:
                     yield call
                 except BaseException:

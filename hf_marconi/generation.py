@@ -11,6 +11,7 @@ transformers it relies on (cache keywords, which settings fork the cache) comes 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
@@ -51,6 +52,47 @@ class CallTimings:
 
 
 @dataclass(frozen=True)
+class CacheSalt:
+    """A namespace for the stored prefixes of one tenant: tokens from position ``start`` on are stored and looked up
+    under ``name``, so they never match another namespace's (the first ``start`` tokens, e.g. a public system prompt,
+    stay in the shared space). The model is fed the real token ids; only the store's keys change."""
+
+    name: str
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise MarconiCacheError(f"cache_salt must be a non-empty string, got {self.name!r}")
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise MarconiCacheError(f"cache_salt_from must be a non-negative int, got {self.start!r}")
+
+    @property
+    def _offset(self) -> int:
+        # Keys above every vocabulary (ids < 2**32), distinct per name with overwhelming probability.
+        digest = int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:4], "big")
+        return (digest + 1) << 32
+
+    def key(self, tokens: list[int]) -> list[int]:
+        """The store's key of ``tokens`` in this namespace."""
+        offset = self._offset
+        return tokens[: self.start] + [token + offset for token in tokens[self.start :]]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> "CacheSalt | None":
+        """Pop hf_marconi's own generate keywords ``cache_salt`` / ``cache_salt_from`` (transformers never sees them)."""
+        name, start = kwargs.pop("cache_salt", None), kwargs.pop("cache_salt_from", 0)
+        if name is None:
+            if start:
+                raise MarconiCacheError("cache_salt_from needs a cache_salt")
+            return None
+        return cls(name, start)
+
+
+def _store_key(salt: CacheSalt | None, tokens: list[int]) -> list[int]:
+    return tokens if salt is None else salt.key(tokens)
+
+
+@dataclass(frozen=True)
 class CallRecord:
     """What one call got from the cache, for the caller that made it (``output.marconi_record`` on a generate output
     with ``return_dict_in_generate=True``; ``call.record()`` in ``cache.request``): unlike ``cache.last_call``, another
@@ -80,6 +122,7 @@ class PrefixCall:
     prefilled: int
     checkpoints: dict[int, StateCheckpoint] = field(default_factory=dict)
     timings: CallTimings = field(default_factory=CallTimings)
+    salt: CacheSalt | None = None
 
     @property
     def reused(self) -> int:
@@ -95,13 +138,14 @@ class PrefixCall:
                 f"prefilled={self.prefilled}, checkpoints={sorted(self.checkpoints)}, timings={self.timings})")
 
     @classmethod
-    def begin(cls, cache: "MarconiCache", input_ids: torch.Tensor) -> "PrefixCall":
-        """Look up the prompt, restore the reusable prefix, and prefill up to each capture position."""
+    def begin(cls, cache: "MarconiCache", input_ids: torch.Tensor, salt: CacheSalt | None = None) -> "PrefixCall":
+        """Look up the prompt (in ``salt``'s namespace), restore the reusable prefix, and prefill up to each capture
+        position."""
         cache.reset_live()
         started = time.perf_counter()
         prompt = input_ids[0].tolist()
-        plan = cache.store.plan(prompt)
-        call = cls(cache, input_ids, plan, prefilled=plan.reuse_len)
+        plan = cache.store.plan(_store_key(salt, prompt))
+        call = cls(cache, input_ids, plan, prefilled=plan.reuse_len, salt=salt)
         cache.last_call = call
         cache._active_prompt = prompt
         try:
@@ -167,7 +211,7 @@ class PrefixCall:
             return cache.layout.take_edge(cache, start, stop, cache.storage_device)
 
         try:
-            result = cache.store.commit(self.plan, tokens, make_edge, checkpoints)
+            result = cache.store.commit(self.plan, _store_key(self.salt, tokens), make_edge, checkpoints)
         except BaseException:
             cache.reset_live()
             raise
@@ -273,6 +317,7 @@ def generate_with_cache(
     if not is_marconi_cache(cache):
         return original(*args, **kwargs)
     try:
+        salt = CacheSalt.from_kwargs(kwargs)
         if cache.model is not model:
             raise MarconiCacheError(
                 f"this MarconiCache belongs to another model instance ({type(cache.model).__name__}, config "
@@ -299,7 +344,7 @@ def generate_with_cache(
             with cache.active_call():
                 if not plan.reuse:
                     return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
-                call = PrefixCall.begin(cache, input_ids)
+                call = PrefixCall.begin(cache, input_ids, salt)
                 try:
                     output = _run_generate(cache, original, input_ids, args, kwargs)
                 except BaseException:
