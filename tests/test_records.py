@@ -83,3 +83,14 @@ def test_each_thread_gets_the_record_of_its_own_call(model):
         for prompt_len, stored_len, record in records[i]:
             assert record.prompt_tokens == prompt_len
             assert stored_len - 1 <= record.reused_tokens < prompt_len
+
+
+def test_clear_empties_the_store_and_the_stats_say_so(model):
+    cache = MarconiCache(model, capacity_bytes=2**24)
+    sequence = model.generate(_tokens(12, 40), past_key_values=cache, **SETTINGS).sequences
+    assert cache.stats()["bytes"] > 0
+    freed = cache.clear()
+    assert freed > 0 and cache.stats()["bytes"] == 0 and not cache.store.tree.root.children
+    record = model.generate(torch.cat([sequence, _tokens(2, 41)], dim=-1), past_key_values=cache,
+                            **SETTINGS).marconi_record
+    assert record.reused_tokens == 0 and cache.stats()["lookups"] == 2  # counters are kept
