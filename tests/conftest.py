@@ -36,3 +36,26 @@ def fresh_cache(model) -> dict:
     from hf_marconi.families import cache_keyword_of
 
     return {cache_keyword_of(model): DynamicCache(config=model.config)}
+
+
+def run_in_threads(worker, count: int, timeout_s: float = 240.0) -> None:
+    """Run ``worker(i)`` in ``count`` threads at once, wait for all (failing if one hangs), and re-raise the first
+    exception any of them raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            worker(index)
+        except BaseException as error:  # surfaced in the calling thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+    assert not any(thread.is_alive() for thread in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]

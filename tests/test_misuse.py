@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import io
-import threading
 import warnings
 
 import pytest
 import torch
 from transformers.generation import GenerationMixin
 
-from conftest import fresh_cache
+from conftest import fresh_cache, run_in_threads
 from hf_marconi import MarconiCache, MarconiCacheError, conventions
 from hf_marconi.kernels import recurrent_mixers
 from hf_marconi.testing import build_model
@@ -126,25 +125,14 @@ def test_two_caches_on_one_model_in_two_threads_capture_without_interference():
     model = build_model("bamba")
     caches = [MarconiCache(model, capacity_bytes=CAPACITY) for _ in range(2)]
     system = _tokens(16, 8)
-    errors: list[BaseException] = []
     outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def worker(index: int) -> None:
-        try:
-            for turn in range(4):
-                prompt = torch.cat([system, _tokens(6, 100 * index + turn)], dim=-1)
-                outputs[(index, turn)] = (prompt, model.generate(prompt, past_key_values=caches[index], **SETTINGS))
-        except BaseException as error:  # surfaced in the main thread
-            errors.append(error)
+        for turn in range(4):
+            prompt = torch.cat([system, _tokens(6, 100 * index + turn)], dim=-1)
+            outputs[(index, turn)] = (prompt, model.generate(prompt, past_key_values=caches[index], **SETTINGS))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=240)
-    assert not any(thread.is_alive() for thread in threads), "a worker hung"
-    if errors:
-        raise errors[0]
+    run_in_threads(worker, 2)
     for prompt, output in outputs.values():
         assert torch.equal(output, _uncached(model, prompt))
     assert all(cache.stats()["hits_purely_input"] >= 1 for cache in caches), "each cache captured its branch point"

@@ -3,11 +3,10 @@ that made it, also when other threads call at the same time."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
+from conftest import run_in_threads
 from hf_marconi import MarconiCache
 from hf_marconi.testing import build_model
 
@@ -62,23 +61,14 @@ def test_each_thread_gets_the_record_of_its_own_call(model):
     stored = {i: model.generate(_tokens(10 + i, 10 + i), past_key_values=cache, **SETTINGS).sequences
               for i in range(4)}
     records: dict[int, list] = {i: [] for i in range(4)}
-    errors: list[BaseException] = []
 
     def worker(i: int) -> None:
-        try:
-            for turn in range(3):
-                prompt = torch.cat([stored[i], _tokens(2, 100 * i + turn)], dim=-1)
-                output = model.generate(prompt, past_key_values=cache, **SETTINGS)
-                records[i].append((prompt.shape[1], stored[i].shape[1], output.marconi_record))
-        except BaseException as error:
-            errors.append(error)
+        for turn in range(3):
+            prompt = torch.cat([stored[i], _tokens(2, 100 * i + turn)], dim=-1)
+            output = model.generate(prompt, past_key_values=cache, **SETTINGS)
+            records[i].append((prompt.shape[1], stored[i].shape[1], output.marconi_record))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=240)
-    assert not errors and not any(thread.is_alive() for thread in threads)
+    run_in_threads(worker, 4)
     for i in range(4):  # prompt lengths differ between threads, so each record is recognisably its own call's
         for prompt_len, stored_len, record in records[i]:
             assert record.prompt_tokens == prompt_len
