@@ -39,8 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 def config_fingerprint(config: Any) -> str:
-    """A stable digest of a model config: two models share stored states only if their fingerprints agree."""
-    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    """A stable digest of what in a model config decides its states: two models share stored states only if their
+    fingerprints agree. Entries that do not (where the model was loaded from, the transformers version, private
+    runtime settings: every key starting with ``_``) are left out, so the same model loaded from another folder reads
+    a saved cache."""
+    fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -23,8 +23,10 @@ file, raises :class:`PersistenceError` and loads nothing.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ FORMAT_NAME = "hf_marconi.prefix_store"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "hf_marconi"
 MANIFEST_DIGEST_KEY = "hf_marconi_sha256"  # SHA-256 of the manifest text: the tree's tokens are covered too
+MANIFEST_HMAC_KEY = "hf_marconi_hmac"  # HMAC-SHA256 of the manifest text under the caller's key, when one is given
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+                "int64": 8, "int32": 4, "uint8": 1}
 
 
 class PersistenceError(ValueError):
@@ -48,9 +53,14 @@ class PersistenceError(ValueError):
 
 
 def _digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes in memory order (any dtype)."""
+    """SHA-256 of a tensor's bytes in memory order (any dtype), hashed from the tensor's own memory (no copy of a
+    contiguous CPU tensor)."""
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(flat.numpy())).hexdigest()
+
+
+def _authenticator(manifest: str, key: bytes) -> str:
+    return hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -80,11 +90,13 @@ def _layout_record(cache: MarconiCache) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------- save
-def save_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> dict[str, Any]:
+def save_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | None = None) -> dict[str, Any]:
     """Write every stored entry of ``cache`` to ``path`` atomically; returns the manifest written.
 
-    Waits for the call in flight (if any) so that the store does not change while it is read; the store itself is
-    never modified.
+    ``key``: a secret; the file then carries an HMAC-SHA256 of its manifest (which holds every tensor's SHA-256), and
+    ``load_cache(..., key=key)`` accepts only files written with that key. Without a key the checksums prove the file
+    is intact, not who wrote it: load only files you wrote. Waits for the call in flight (if any) so that the store
+    does not change while it is read; the store itself is never modified.
     """
     target = Path(path)
     if target.is_dir():
@@ -105,7 +117,7 @@ def save_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> dict[str, A
             for name, t in tensors.items()
         },
     }
-    _write_atomically(target, tensors, json.dumps(manifest, separators=(",", ":")))
+    _write_atomically(target, tensors, json.dumps(manifest, separators=(",", ":")), key)
     return manifest
 
 
@@ -147,13 +159,15 @@ def _entry_record(index: int, entry: StoredEntry, tensors: dict[str, torch.Tenso
     return record
 
 
-def _write_atomically(target: Path, tensors: dict[str, torch.Tensor], manifest: str) -> None:
+def _write_atomically(target: Path, tensors: dict[str, torch.Tensor], manifest: str, key: bytes | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        digest = hashlib.sha256(manifest.encode()).hexdigest()
-        save_file(tensors, temp, metadata={MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: digest})
+        metadata = {MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: hashlib.sha256(manifest.encode()).hexdigest()}
+        if key is not None:
+            metadata[MANIFEST_HMAC_KEY] = _authenticator(manifest, key)
+        save_file(tensors, temp, metadata=metadata)
         with open(temp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temp, target)
@@ -163,8 +177,17 @@ def _write_atomically(target: Path, tensors: dict[str, torch.Tensor], manifest: 
 
 
 # ---------------------------------------------------------------------------------------------------------- load
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON manifest of a saved cache (format, fingerprint, layout, entries, tensor dtypes/shapes/checksums)."""
+def read_manifest(path: str | os.PathLike[str], key: bytes | None = None) -> dict[str, Any]:
+    """The JSON manifest of a saved cache (format, fingerprint, layout, entries, tensor dtypes/shapes/checksums),
+    authenticated with ``key`` when one is given. Anything malformed raises :class:`PersistenceError`."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise PersistenceError(f"no saved cache at {path}") from None
+    except OSError as error:
+        raise PersistenceError(f"{path} cannot be read: {error}") from None
+    if not stat.S_ISREG(mode):
+        raise PersistenceError(f"{path} is not a regular file (a FIFO, device or directory); pass a saved cache file")
     try:
         with safe_open(str(path), framework="pt") as reader:
             metadata = reader.metadata() or {}
@@ -178,9 +201,16 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise PersistenceError(f"{path} is a safetensors file without an hf_marconi manifest; save it with save_cache")
     if hashlib.sha256(metadata[MANIFEST_KEY].encode()).hexdigest() != metadata.get(MANIFEST_DIGEST_KEY):
         raise PersistenceError(f"the manifest of {path} fails its SHA-256 check: the file is corrupted")
+    if key is not None and not hmac.compare_digest(
+        str(metadata.get(MANIFEST_HMAC_KEY, "")), _authenticator(metadata[MANIFEST_KEY], key)
+    ):
+        raise PersistenceError(
+            f"{path} is not authenticated by the given key (written without it, with another key, or altered): "
+            "refusing to load it"
+        )
     try:
         manifest = json.loads(metadata[MANIFEST_KEY])
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise PersistenceError(f"the manifest of {path} is not valid JSON (corrupted file?): {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise PersistenceError(f"{path} holds no {FORMAT_NAME} manifest")
@@ -192,13 +222,15 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def load_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> int:
+def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | None = None) -> int:
     """Load the entries saved at ``path`` into ``cache``, whose store must be empty; returns the number of entries.
 
-    Raises :class:`PersistenceError` (nothing loaded) when the file was saved for another model or config, or is
-    corrupted or truncated.
+    Raises :class:`PersistenceError` (nothing loaded) when the file was saved for another model or config, is not
+    authenticated by ``key`` (when given), declares more tensor bytes than the cache holds or tensors no entry uses,
+    or is malformed, corrupted or truncated. Sizes and references are checked from the manifest before any tensor is
+    read.
     """
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, key)
     if manifest.get("fingerprint") != cache.fingerprint:
         raise PersistenceError(
             f"{path} was saved for a model whose config fingerprint is {manifest.get('fingerprint')!r}, but this "
@@ -214,6 +246,7 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> int:
             f"{path} was saved for a model with other weights (weights probe {manifest.get('weights_probe')!r}, this "
             f"model's is {weights_probe(cache.model)!r}): stored states only fit the weights they came from"
         )
+    _check_declared_tensors(path, manifest, cache.store.capacity_bytes)
     tensors = _read_tensors(path, manifest["tensors"])
     devices = cache.layer_devices
     storage = cache.storage_device
@@ -243,6 +276,42 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str]) -> int:
         if tiers is not None:
             tiers.rebalance()
     return len(entries)
+
+
+def _check_declared_tensors(path: str | os.PathLike[str], manifest: dict[str, Any], capacity_bytes: int) -> None:
+    """Before reading any tensor: the manifest's tensor table is well formed, every tensor is used by an entry, and
+    their bytes together fit the cache's capacity (a hostile file cannot make the loader allocate more)."""
+    declared, entries = manifest.get("tensors"), manifest.get("entries")
+    if not isinstance(declared, dict) or not isinstance(entries, list):
+        raise PersistenceError(f"the manifest of {path} lacks its tensor table or entry list")
+    total = 0
+    for name, facts in declared.items():
+        shape = facts.get("shape") if isinstance(facts, dict) else None
+        dtype = facts.get("dtype") if isinstance(facts, dict) else None
+        if (dtype not in _DTYPE_BYTES or not isinstance(shape, list)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                or not isinstance(facts.get("sha256"), str)):
+            raise PersistenceError(f"the manifest of {path} describes tensor {name!r} malformedly: {facts!r:.200}")
+        count = 1
+        for n in shape:
+            count *= n
+        total += count * _DTYPE_BYTES[dtype]
+    if total > capacity_bytes:
+        raise PersistenceError(
+            f"{path} declares {total} bytes of tensors, more than this cache's capacity ({capacity_bytes} bytes): "
+            "refusing to read them"
+        )
+    used: set[str] = set()
+    try:
+        for record in entries:
+            used.update(record["edge"]["tensors"].values())
+            if record.get("checkpoint") is not None:
+                used.update(record["checkpoint"]["tensors"].values())
+    except (AttributeError, KeyError, TypeError) as error:
+        raise PersistenceError(f"the manifest of {path} describes an invalid entry: {error!r}") from None
+    if set(declared) != used:
+        unused, missing = sorted(set(declared) - used)[:5], sorted(used - set(declared))[:5]
+        raise PersistenceError(f"{path} declares tensors no entry uses ({unused}) or misses some ({missing})")
 
 
 def _read_tensors(path: str | os.PathLike[str], expected: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:

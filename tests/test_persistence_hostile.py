@@ -1,0 +1,133 @@
+"""Persistence treats a file as input from outside: authentication with a key, sizes and references checked before
+any tensor is read, malformed manifests and non-regular files refused with PersistenceError."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hf_marconi import MarconiCache
+from hf_marconi import persistence
+from hf_marconi.cache import config_fingerprint
+from hf_marconi.persistence import PersistenceError, load_cache, save_cache
+from hf_marconi.testing import build_model, make_config
+
+SETTINGS = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("bamba")
+
+
+@pytest.fixture()
+def saved(model, tmp_path):
+    cache = MarconiCache(model, capacity_bytes=2**22)
+    model.generate(torch.randint(3, 250, (1, 20), generator=torch.Generator().manual_seed(0)), past_key_values=cache,
+                   **SETTINGS)
+    path = tmp_path / "cache.safetensors"
+    save_cache(cache, path, key=b"secret")
+    return path
+
+
+def _rewrite(path, edit, key: bytes | None = None):
+    """Rewrite a saved file the way an attacker can: edit the manifest (and tensors), recompute its SHA-256 (and an
+    HMAC if the attacker knew the key)."""
+    with safe_open(str(path), framework="pt") as reader:
+        tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+        manifest = json.loads(reader.metadata()[persistence.MANIFEST_KEY])
+    edit(manifest, tensors)
+    text = json.dumps(manifest)
+    metadata = {persistence.MANIFEST_KEY: text,
+                persistence.MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    if key is not None:
+        metadata[persistence.MANIFEST_HMAC_KEY] = persistence._authenticator(text, key)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _empty_cache(model):
+    return MarconiCache(model, capacity_bytes=2**22)
+
+
+def test_a_key_authenticates_the_file(model, saved):
+    assert load_cache(_empty_cache(model), saved, key=b"secret") >= 1
+    with pytest.raises(PersistenceError, match="not authenticated"):
+        load_cache(_empty_cache(model), saved, key=b"other")
+
+
+def test_states_altered_with_recomputed_checksums_are_refused_under_a_key(model, saved):
+    """The attack of the multi-tenant issue: perturbed states, every SHA-256 recomputed. Without a key the file looks
+    intact; with one, it is refused."""
+    def perturb(manifest, tensors):
+        name = next(iter(tensors))
+        tensors[name] = tensors[name] + 1.0
+        manifest["tensors"][name]["sha256"] = persistence._digest(tensors[name])
+
+    _rewrite(saved, perturb)
+    with pytest.raises(PersistenceError, match="not authenticated"):
+        load_cache(_empty_cache(model), saved, key=b"secret")
+
+
+def test_declared_sizes_beyond_capacity_are_refused_before_any_tensor_is_read(model, saved, monkeypatch):
+    def inflate(manifest, tensors):
+        name = next(iter(manifest["tensors"]))
+        manifest["tensors"][name]["shape"] = [1, 1, 10**6, 64]
+
+    _rewrite(saved, inflate, key=b"secret")
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the loader read tensors of a file it should refuse on size")
+
+    monkeypatch.setattr(persistence, "_read_tensors", must_not_read)
+    with pytest.raises(PersistenceError, match="more than this cache's capacity"):
+        load_cache(_empty_cache(model), saved, key=b"secret")
+
+
+def test_an_unreferenced_tensor_is_refused(model, saved):
+    def add(manifest, tensors):
+        tensors["extra"] = torch.zeros(4)
+        digest = persistence._digest(tensors["extra"])
+        manifest["tensors"]["extra"] = {"dtype": "float32", "shape": [4], "sha256": digest}
+
+    _rewrite(saved, add)
+    with pytest.raises(PersistenceError, match="no entry uses"):
+        load_cache(_empty_cache(model), saved)
+
+
+@pytest.mark.parametrize("damage", ["entries_not_a_list", "entry_not_a_dict", "shape_not_ints", "tensors_missing"])
+def test_malformed_manifests_raise_persistence_error(model, saved, damage):
+    def edit(manifest, tensors):
+        if damage == "entries_not_a_list":
+            manifest["entries"] = {"a": 1}
+        elif damage == "entry_not_a_dict":
+            manifest["entries"][0] = 7
+        elif damage == "shape_not_ints":
+            manifest["tensors"][next(iter(manifest["tensors"]))]["shape"] = ["x"]
+        else:
+            del manifest["tensors"]
+
+    _rewrite(saved, edit)
+    with pytest.raises(PersistenceError):
+        load_cache(_empty_cache(model), saved)
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_is_refused_instead_of_hanging(model, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(PersistenceError, match="not a regular file"):
+        load_cache(_empty_cache(model), fifo)
+
+
+def test_the_fingerprint_ignores_where_the_model_was_loaded_from():
+    one, other = make_config("bamba"), make_config("bamba")
+    other._name_or_path = "/elsewhere/bamba"
+    assert config_fingerprint(one) == config_fingerprint(other)
+    other.hidden_size += 1
+    assert config_fingerprint(one) != config_fingerprint(other)
