@@ -344,9 +344,8 @@ class MarconiCache(DynamicCache):
         """Counters of the store (lookups, hits, tokens reused, FLOPs saved, bytes, admissions, evictions, alpha),
         calls that ran without reuse (``bypassed_calls``) and stores dropped after a weight change
         (``invalidations``)."""
-        with self.call_lock:
-            return dict(self.store.stats().asdict(), bypassed_calls=self.bypassed_calls,
-                        invalidations=self.invalidations)
+        # The store's own lock only: a scrape or a dashboard never waits for a model call.
+        return dict(self.store.stats().asdict(), bypassed_calls=self.bypassed_calls, invalidations=self.invalidations)
 
     def check_invariants(self) -> None:
         self.store.check_invariants()
