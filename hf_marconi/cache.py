@@ -21,6 +21,7 @@ import logging
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -72,6 +73,23 @@ def _probe(model: PreTrainedModel, keyword: str, device: torch.device) -> tuple[
     kv = layout.take_edge(scratch, 0, 1).nbytes if layout.kv_layers else 0
     checkpoint = layout.take_checkpoint(scratch).nbytes
     return scratch, layout, StateSizes(kv_bytes_per_token=kv, checkpoint_bytes=checkpoint)
+
+
+@dataclass(frozen=True)
+class StateShapes:
+    """The shapes and dtypes of one sequence's states in this cache, as a forward writes them: per attention layer
+    (KV heads, head dim, dtype), and per checkpoint tensor name (shape, dtype). What a loaded entry must match."""
+
+    kv: dict[int, tuple[int, int, torch.dtype]]
+    checkpoint: dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+    @classmethod
+    def of(cls, scratch: DynamicCache, layout: StateLayout) -> "StateShapes":
+        edge = layout.take_edge(scratch, 0, 1) if layout.kv_layers else None
+        kv = {layer: (keys.shape[1], keys.shape[3], keys.dtype)
+              for layer, (keys, _) in (edge.kv if edge is not None else {}).items()}
+        checkpoint = {name: (tuple(t.shape), t.dtype) for name, t in layout.take_checkpoint(scratch).tensors().items()}
+        return cls(kv, checkpoint)
 
 
 def _state_devices(scratch: DynamicCache, default: torch.device) -> dict[int, torch.device]:
@@ -267,6 +285,7 @@ class MarconiCache(DynamicCache):
         self.input_device = execution_device(model.get_input_embeddings())
         scratch, self.layout, self.sizes = _probe(model, self.keyword, self.input_device)
         self.layer_devices = _state_devices(scratch, self.input_device)
+        self.state_shapes = StateShapes.of(scratch, self.layout)
         self.costs = cost_model(self.config, dtype=model.dtype, recurrent_dtype=model.dtype)
         if hasattr(self, "store"):
             self.store.sizes, self.store.costs = self.sizes, self.costs

@@ -68,9 +68,15 @@ class CacheSalt:
 
     @property
     def _offset(self) -> int:
-        # Keys above every vocabulary (ids < 2**32), distinct per name with overwhelming probability.
-        digest = int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:4], "big")
+        # Keys above every vocabulary (ids < 2**32); the whole 256-bit digest, so that no two names share a namespace
+        # by accident or by a searched collision. Keys are Python ints (never stored as int64).
+        digest = int.from_bytes(hashlib.sha256(self.name.encode()).digest(), "big")
         return (digest + 1) << 32
+
+    def for_prompt(self, prompt_len: int) -> "CacheSalt":
+        """This salt for a prompt of ``prompt_len`` tokens: a prompt shorter than the shared prefix is salted whole
+        (else it, and the reply up to ``start``, would be stored in the shared space)."""
+        return self if prompt_len >= self.start else CacheSalt(self.name, 0)
 
     def key(self, tokens: list[int]) -> list[int]:
         """The store's key of ``tokens`` in this namespace."""
@@ -79,7 +85,8 @@ class CacheSalt:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "CacheSalt | None":
-        """Pop hf_marconi's own generate keywords ``cache_salt`` / ``cache_salt_from`` (transformers never sees them)."""
+        """Pop hf_marconi's own generate keywords ``cache_salt`` / ``cache_salt_from`` (transformers never sees
+        them)."""
         name, start = kwargs.pop("cache_salt", None), kwargs.pop("cache_salt_from", 0)
         if name is None:
             if start:
@@ -144,6 +151,7 @@ class PrefixCall:
         cache.reset_live()
         started = time.perf_counter()
         prompt = input_ids[0].tolist()
+        salt = salt.for_prompt(len(prompt)) if salt is not None else None
         plan = cache.store.plan(_store_key(salt, prompt))
         call = cls(cache, input_ids, plan, prefilled=plan.reuse_len, salt=salt)
         cache.last_call = call

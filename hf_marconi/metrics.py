@@ -4,7 +4,7 @@
     from prometheus_client import REGISTRY, start_http_server
     from hf_marconi.metrics import MarconiCollector
 
-    REGISTRY.register(MarconiCollector(cache, name="chat"))
+    REGISTRY.register(MarconiCollector({"chat": chat_cache, "agents": agent_cache}))
     start_http_server(9400)
 
 Counters (``_total``) and gauges are read from ``cache.stats()`` at each scrape, so nothing is recorded per call and
@@ -13,6 +13,7 @@ a scrape never waits for a model call.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -46,21 +47,18 @@ _GAUGES = (
 
 
 class MarconiCollector:
-    """A ``prometheus_client`` collector of one cache's counters, labelled ``cache=name``."""
+    """A ``prometheus_client`` collector of the counters of one or several caches, each sample labelled with its
+    cache's name (one collector per registry: each metric family appears once, with one sample per cache)."""
 
-    def __init__(self, cache: "MarconiCache", name: str = "default") -> None:
-        self.cache = cache
-        self.name = name
+    def __init__(self, caches: "Mapping[str, MarconiCache] | MarconiCache", name: str = "default") -> None:
+        self.caches = dict(caches) if isinstance(caches, Mapping) else {name: caches}
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.cache.stats()
-        for metric, key, help_text in _COUNTERS:
-            family = CounterMetricFamily(metric, help_text, labels=["cache"])
-            family.add_metric([self.name], float(stats[key]))
-            yield family
-        for metric, key, help_text in _GAUGES:
-            if stats.get(key) is None:
-                continue
-            family = GaugeMetricFamily(metric, help_text, labels=["cache"])
-            family.add_metric([self.name], float(stats[key]))
-            yield family
+        stats = {name: cache.stats() for name, cache in self.caches.items()}
+        for kind, table in ((CounterMetricFamily, _COUNTERS), (GaugeMetricFamily, _GAUGES)):
+            for metric, key, help_text in table:
+                family = kind(metric, help_text, labels=["cache"])
+                for name, values in stats.items():
+                    if values.get(key) is not None:
+                        family.add_metric([name], float(values[key]))
+                yield family

@@ -35,12 +35,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .cache import MarconiCache
+from .cache import MarconiCache, StateShapes
 from .states import KVEdge, StateCheckpoint
 from .store import StoredEntry
 
 FORMAT_NAME = "hf_marconi.prefix_store"
-FORMAT_VERSION = 1
+# 2: the config fingerprint leaves out where the model was loaded from (keys starting with _).
+FORMAT_VERSION = 2
 MANIFEST_KEY = "hf_marconi"
 MANIFEST_DIGEST_KEY = "hf_marconi_sha256"  # SHA-256 of the manifest text: the tree's tokens are covered too
 MANIFEST_HMAC_KEY = "hf_marconi_hmac"  # HMAC-SHA256 of the manifest text under the caller's key, when one is given
@@ -57,6 +58,10 @@ def _digest(tensor: torch.Tensor) -> str:
     contiguous CPU tensor)."""
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(memoryview(flat.numpy())).hexdigest()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"the manifest holds {name}, which no saved cache writes")
 
 
 def _authenticator(manifest: str, key: bytes) -> str:
@@ -209,8 +214,8 @@ def read_manifest(path: str | os.PathLike[str], key: bytes | None = None) -> dic
             "refusing to load it"
         )
     try:
-        manifest = json.loads(metadata[MANIFEST_KEY])
-    except (json.JSONDecodeError, RecursionError) as error:
+        manifest = json.loads(metadata[MANIFEST_KEY], parse_constant=_reject_constant)
+    except (ValueError, RecursionError, OverflowError) as error:  # JSONDecodeError is a ValueError
         raise PersistenceError(f"the manifest of {path} is not valid JSON (corrupted file?): {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise PersistenceError(f"{path} holds no {FORMAT_NAME} manifest")
@@ -252,10 +257,11 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
     storage = cache.storage_device
     try:
         entries = [_entry_from_record(record, tensors, devices, storage) for record in manifest["entries"]]
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise PersistenceError(f"the manifest of {path} describes an invalid entry: {error!r}") from None
     sizes = cache.sizes
     for entry in entries:
+        _check_entry_shapes(path, entry, cache.state_shapes)
         checkpoint_bytes = entry.checkpoint.nbytes if entry.checkpoint is not None else sizes.checkpoint_bytes
         if entry.edge.nbytes != len(entry.key) * sizes.kv_bytes_per_token or checkpoint_bytes != sizes.checkpoint_bytes:
             raise PersistenceError(
@@ -276,6 +282,28 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
         if tiers is not None:
             tiers.rebalance()
     return len(entries)
+
+
+def _check_entry_shapes(path: str | os.PathLike[str], entry: StoredEntry, shapes: "StateShapes") -> None:
+    """An entry's tensors have exactly this cache's layers, shapes and dtypes (else a hit would fail, or compute
+    garbage, long after loading)."""
+    edge, checkpoint = entry.edge, entry.checkpoint
+    if set(edge.kv) != set(shapes.kv):
+        raise PersistenceError(f"the entry of prefix_len {entry.prefix_len} in {path} has KV of layers "
+                               f"{sorted(edge.kv)}, this cache has {sorted(shapes.kv)}")
+    for layer, (keys, values) in edge.kv.items():
+        heads, head_dim, dtype = shapes.kv[layer]
+        for tensor in (keys, values):
+            if (tensor.dim() != 4 or (tensor.shape[0], tensor.shape[1], tensor.shape[3]) != (1, heads, head_dim)
+                    or tensor.dtype != dtype):
+                raise PersistenceError(f"the entry of prefix_len {entry.prefix_len} in {path} has layer {layer} KV "
+                                       f"of shape {list(tensor.shape)} {tensor.dtype}, this cache [1, {heads}, n, "
+                                       f"{head_dim}] {dtype}")
+    if checkpoint is not None:
+        found = {name: (tuple(t.shape), t.dtype) for name, t in checkpoint.tensors().items()}
+        if found != shapes.checkpoint:
+            raise PersistenceError(f"the checkpoint of prefix_len {entry.prefix_len} in {path} does not have this "
+                                   "cache's state tensors (names, shapes, dtypes)")
 
 
 def _check_declared_tensors(path: str | os.PathLike[str], manifest: dict[str, Any], capacity_bytes: int) -> None:
@@ -301,16 +329,18 @@ def _check_declared_tensors(path: str | os.PathLike[str], manifest: dict[str, An
             f"{path} declares {total} bytes of tensors, more than this cache's capacity ({capacity_bytes} bytes): "
             "refusing to read them"
         )
-    used: set[str] = set()
+    used: list[str] = []
     try:
         for record in entries:
-            used.update(record["edge"]["tensors"].values())
+            used.extend(record["edge"]["tensors"].values())
             if record.get("checkpoint") is not None:
-                used.update(record["checkpoint"]["tensors"].values())
+                used.extend(record["checkpoint"]["tensors"].values())
     except (AttributeError, KeyError, TypeError) as error:
         raise PersistenceError(f"the manifest of {path} describes an invalid entry: {error!r}") from None
-    if set(declared) != used:
-        unused, missing = sorted(set(declared) - used)[:5], sorted(used - set(declared))[:5]
+    if len(used) != len(set(used)):
+        raise PersistenceError(f"{path} uses one tensor in several places; each stored tensor belongs to one entry")
+    if set(declared) != set(used):
+        unused, missing = sorted(set(declared) - set(used))[:5], sorted(set(used) - set(declared))[:5]
         raise PersistenceError(f"{path} declares tensors no entry uses ({unused}) or misses some ({missing})")
 
 
@@ -325,7 +355,9 @@ def _read_tensors(path: str | os.PathLike[str], expected: dict[str, dict[str, An
                     f"{path} holds tensors {sorted(names ^ set(expected))[:5]} that differ from its manifest"
                 )
             for name, facts in expected.items():
-                tensor = reader.get_tensor(name)
+                # An own copy: a tensor read from the file stays mapped from it, so writing or truncating the file later
+                # would change (or crash) stored states that passed the checks below.
+                tensor = reader.get_tensor(name).clone()
                 if _dtype_name(tensor.dtype) != facts["dtype"] or list(tensor.shape) != facts["shape"]:
                     raise PersistenceError(
                         f"tensor {name} of {path} is {_dtype_name(tensor.dtype)} {list(tensor.shape)}, its manifest "

@@ -25,7 +25,23 @@ def test_collector_exposes_the_counters_of_stats():
     model.generate(torch.cat([first, torch.tensor([[5, 6]])], dim=-1), past_key_values=cache, **settings)
     text = generate_latest(registry).decode()
     stats = cache.stats()
+    assert text.count("# TYPE hf_marconi_prefix_cache_hits_total") <= 1
     assert f'hf_marconi_prefix_cache_hits_total{{cache="chat"}} {float(stats["hits"])}' in text
     assert f'hf_marconi_prefix_cache_hit_tokens_total{{cache="chat"}} {float(stats["hit_tokens"])}' in text
     assert f'hf_marconi_prefix_cache_usage_bytes{{cache="chat"}} {float(stats["bytes"])}' in text
     assert stats["hits"] == 1
+
+
+def test_one_collector_serves_several_caches_with_one_family_per_metric():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from hf_marconi.metrics import MarconiCollector
+
+    model = build_model("bamba")
+    caches = {"chat": MarconiCache(model, capacity_bytes=2**24), "agents": MarconiCache(model, capacity_bytes=2**23)}
+    registry = CollectorRegistry()
+    registry.register(MarconiCollector(caches))
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE hf_marconi_prefix_cache_capacity_bytes gauge") == 1
+    assert 'hf_marconi_prefix_cache_capacity_bytes{cache="chat"} 1.6777216e+07' in text
+    assert 'hf_marconi_prefix_cache_capacity_bytes{cache="agents"} 8.388608e+06' in text

@@ -92,3 +92,12 @@ def test_request_takes_a_namespace_too(model):
     longer = torch.cat([prompt, _tokens(3, 32)], dim=-1)
     assert _generate(model, cache, longer, cache_salt="b")[1] == 0
     assert _generate(model, cache, longer, cache_salt="a")[1] == prompt.shape[1]
+
+
+def test_a_prompt_shorter_than_the_shared_prefix_is_salted_whole(model):
+    cache = MarconiCache(model, capacity_bytes=2**24)
+    victim, _ = _generate(model, cache, _tokens(8, 40), cache_salt="victim", cache_salt_from=16)
+    probe = torch.cat([victim, _tokens(3, 41)], dim=-1)
+    assert _generate(model, cache, probe, cache_salt="attacker", cache_salt_from=16)[1] == 0
+    assert _generate(model, cache, probe)[1] == 0
+    assert _generate(model, cache, probe, cache_salt="victim", cache_salt_from=16)[1] == victim.shape[1] - 1

@@ -131,3 +131,61 @@ def test_the_fingerprint_ignores_where_the_model_was_loaded_from():
     assert config_fingerprint(one) == config_fingerprint(other)
     other.hidden_size += 1
     assert config_fingerprint(one) != config_fingerprint(other)
+
+
+def test_loaded_states_do_not_depend_on_the_file_afterwards(model, saved):
+    """Loaded tensors are copies: overwriting (or truncating) the file after loading changes no stored state."""
+    cache = _empty_cache(model)
+    load_cache(cache, saved, key=b"secret")
+
+    def stored() -> list[torch.Tensor]:
+        tensors = []
+        for entry in cache.store.entries():
+            tensors += [t for pair in entry.edge.kv.values() for t in pair]
+            if entry.checkpoint is not None:
+                tensors += list(entry.checkpoint.tensors().values())
+        return tensors
+
+    before = [t.clone() for t in stored()]
+    assert before
+    size = saved.stat().st_size
+    with open(saved, "r+b") as handle:
+        handle.seek(size - 4096)
+        handle.write(os.urandom(4096))
+    os.truncate(saved, size // 2)
+    assert all(torch.equal(old, new) for old, new in zip(before, stored(), strict=True))
+
+
+def test_a_tensor_used_by_several_entries_is_refused(model, saved):
+    def alias(manifest, tensors):
+        first = manifest["entries"][0]
+        twin = json.loads(json.dumps(first))
+        twin["prefix_len"] = first["prefix_len"]
+        manifest["entries"].append(twin)
+
+    _rewrite(saved, alias)
+    with pytest.raises(PersistenceError, match="one tensor in several places"):
+        load_cache(_empty_cache(model), saved)
+
+
+def test_non_finite_numbers_in_the_manifest_are_refused(model, saved):
+    def infinite(manifest, tensors):
+        manifest["entries"][0]["last_access"] = float("inf")
+
+    _rewrite(saved, infinite)
+    with pytest.raises(PersistenceError, match="not valid JSON"):
+        load_cache(_empty_cache(model), saved)
+
+
+def test_kv_of_another_shape_is_refused_at_load_not_at_the_next_hit(model, saved):
+    def reshape(manifest, tensors):
+        for name, facts in manifest["tensors"].items():
+            if ".kv." in name:
+                batch, heads, tokens, dim = facts["shape"]
+                tensors[name] = tensors[name].reshape(batch, heads * 2, tokens, dim // 2).contiguous()
+                facts["shape"] = list(tensors[name].shape)
+                facts["sha256"] = persistence._digest(tensors[name])
+
+    _rewrite(saved, reshape)
+    with pytest.raises(PersistenceError, match="KV of shape"):
+        load_cache(_empty_cache(model), saved)
