@@ -32,7 +32,7 @@ from . import conventions, generation, instance
 from .errors import MarconiCacheError
 from .families import cache_keyword_of, cost_model, family_of
 from .policies import WIDE_ALPHA_GRID, AlphaTuner, Policy, make_policy
-from .states import DeviceSpec, StateLayout
+from .states import DeviceSpec, KVEdge, StateCheckpoint, StateLayout
 from .store import PrefixStore, StateSizes
 from .support import apply_fixes, check_supported
 
@@ -61,18 +61,15 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     return param.device
 
 
-def _probe(model: PreTrainedModel, keyword: str, device: torch.device) -> tuple[DynamicCache, StateLayout, StateSizes]:
-    """Which layers hold state, where each computes, and the real bytes of one token of KV and of one checkpoint,
-    from a one-token forward into a scratch cache (returned, so that callers can read its tensors' devices)."""
+def _probe(model: PreTrainedModel, keyword: str, device: torch.device) -> tuple[DynamicCache, StateLayout]:
+    """A one-token forward into a scratch cache: which layers hold state (and the scratch, whose tensors say where each
+    layer computes and how one sequence's states are shaped)."""
     config = model.config.get_text_config(decoder=True)
     scratch = DynamicCache(config=config)
     token = torch.zeros((1, 1), dtype=torch.long, device=device)
     with torch.no_grad():
         model(input_ids=token, use_cache=True, **{keyword: scratch})
-    layout = StateLayout.of(scratch, written_only=True)
-    kv = layout.take_edge(scratch, 0, 1).nbytes if layout.kv_layers else 0
-    checkpoint = layout.take_checkpoint(scratch).nbytes
-    return scratch, layout, StateSizes(kv_bytes_per_token=kv, checkpoint_bytes=checkpoint)
+    return scratch, StateLayout.of(scratch, written_only=True)
 
 
 @dataclass(frozen=True)
@@ -84,12 +81,10 @@ class StateShapes:
     checkpoint: dict[str, tuple[tuple[int, ...], torch.dtype]]
 
     @classmethod
-    def of(cls, scratch: DynamicCache, layout: StateLayout) -> "StateShapes":
-        edge = layout.take_edge(scratch, 0, 1) if layout.kv_layers else None
-        kv = {layer: (keys.shape[1], keys.shape[3], keys.dtype)
-              for layer, (keys, _) in (edge.kv if edge is not None else {}).items()}
-        checkpoint = {name: (tuple(t.shape), t.dtype) for name, t in layout.take_checkpoint(scratch).tensors().items()}
-        return cls(kv, checkpoint)
+    def of(cls, edge: KVEdge, checkpoint: StateCheckpoint) -> "StateShapes":
+        """From one token's edge and one checkpoint of the probe."""
+        kv = {layer: (keys.shape[1], keys.shape[3], keys.dtype) for layer, (keys, _) in edge.kv.items()}
+        return cls(kv, {name: (tuple(t.shape), t.dtype) for name, t in checkpoint.tensors().items()})
 
 
 def _state_devices(scratch: DynamicCache, default: torch.device) -> dict[int, torch.device]:
@@ -283,9 +278,13 @@ class MarconiCache(DynamicCache):
         the weights change dtype or device)."""
         model = self.model
         self.input_device = execution_device(model.get_input_embeddings())
-        scratch, self.layout, self.sizes = _probe(model, self.keyword, self.input_device)
+        scratch, self.layout = _probe(model, self.keyword, self.input_device)
         self.layer_devices = _state_devices(scratch, self.input_device)
-        self.state_shapes = StateShapes.of(scratch, self.layout)
+        # One token's KV and one checkpoint, copied once: their real bytes and shapes.
+        edge = self.layout.take_edge(scratch, 0, 1) if self.layout.kv_layers else KVEdge(1, {})
+        checkpoint = self.layout.take_checkpoint(scratch)
+        self.sizes = StateSizes(kv_bytes_per_token=edge.nbytes, checkpoint_bytes=checkpoint.nbytes)
+        self.state_shapes = StateShapes.of(edge, checkpoint)
         self.costs = cost_model(self.config, dtype=model.dtype, recurrent_dtype=model.dtype)
         if hasattr(self, "store"):
             self.store.sizes, self.store.costs = self.sizes, self.costs
