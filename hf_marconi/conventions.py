@@ -8,17 +8,18 @@ introduced it, so that a new release that changes a convention is met in one pla
   (:func:`with_cache`);
 - the keyword arguments of a forward that continues from a populated cache (:func:`continuation_kwargs`):
   explicit ``position_ids``, ``logits_to_keep``;
-- the settings a ``generate`` call runs with (:func:`generation_config_of_call`), which decoding modes fork, crop or
-  reorder the live cache (:func:`cache_rewriting_mode`), and whether ``generate`` feeds only the uncached part of the
-  prompt for a given cache (:func:`generate_skips_cached_prompt`).
+- the settings a ``generate`` call runs with (:func:`generation_config_of_call`), and which decoding modes fork,
+  crop or reorder the live cache (:func:`cache_rewriting_mode`).
 
 Releases (the declared range is in ``setup.cfg``; ``SUPPORTED_RELEASES`` below is what CI tests):
 
 - 5.23: forwards take ``past_key_values=`` (pure Mamba models ``cache_params=``); ``generate`` likewise, and it
-  feeds only the uncached part of the prompt for a ``past_key_values`` cache.
+  feeds only the uncached part of the prompt for a ``past_key_values`` cache (never for ``cache_params``).
 - 5.24: forwards and ``generate`` take ``cache=`` (``past_key_values`` and ``cache_params`` are deprecated with a
   ``FutureWarning``, removal announced for 5.40 / 6.0); model outputs carry ``.cache`` (``.past_key_values`` is a
   read-only alias); ``generate`` skips the cached prompt for any cache with at least one non-linear layer.
+  On both, a pure Mamba model's cache counts no tokens, so generate feeds it the whole prompt: the instance-level
+  ``prepare_inputs_for_generation`` of :mod:`.instance` skips the restored part.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ CACHE_KEYWORD_RELEASE = Version("5.24.0")
 CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values", "cache_params")
 
 
-def _release(version: Version) -> Version:
+def release(version: Version) -> Version:
     """``version`` without pre-release / dev / local parts, so 5.24.0.dev0 counts as 5.24."""
     return Version(version.base_version)
 
@@ -57,7 +58,7 @@ def cache_keyword(legacy_keyword: str, installed: Version = INSTALLED) -> str:
     ``legacy_keyword`` is the family's keyword before 5.24 (``past_key_values``, or ``cache_params`` for pure Mamba
     models); from 5.24 every model takes ``cache``.
     """
-    return "cache" if _release(installed) >= CACHE_KEYWORD_RELEASE else legacy_keyword
+    return "cache" if release(installed) >= CACHE_KEYWORD_RELEASE else legacy_keyword
 
 
 def forward_takes(module: "nn.Module", name: str) -> bool:
@@ -103,6 +104,18 @@ def continuation_kwargs(
     return kwargs
 
 
+def token_ids(value: Any) -> list[int]:
+    """A token-id setting of a generation config (``pad_token_id``, ``eos_token_id``: None, an int, a list or a
+    tensor) as a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
 def generation_config_of_call(model: "nn.Module", args: tuple[Any, ...], kwargs: dict[str, Any]) -> GenerationConfig:
     """The settings a ``generate`` call runs with, resolved as ``GenerationMixin._prepare_generation_config`` resolves
     them (5.23 and 5.24): the passed config (``generation_config=`` or the first positional argument after the
@@ -141,15 +154,3 @@ def cache_rewriting_mode(config: GenerationConfig, kwargs: dict[str, Any]) -> st
                                             "cannot undo",
     }.get(mode, "it forks or reorders the live cache, or runs a custom decoding loop")
     return f"the {mode.value.replace('_', ' ')} mode: {why}"
-
-
-def generate_skips_cached_prompt(cache: "Cache") -> bool:
-    """Whether ``generate`` feeds only the prompt tokens past ``cache.get_seq_length()``.
-
-    5.23 slices the prompt for a cache passed as ``past_key_values`` (never for ``cache_params``, what pure Mamba
-    models take); 5.24 for any cache with at least one non-linear layer. Both amount to: the cache has a layer that
-    counts tokens (an attention layer).
-    """
-    from transformers.cache_utils import CacheLayerMixin
-
-    return any(isinstance(layer, CacheLayerMixin) for layer in cache.layers)

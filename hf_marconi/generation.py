@@ -1,12 +1,14 @@
 """The per-call flow of a MarconiCache: lookup, restore, branch-point capture, generate, admit.
 
-``install`` wraps a model instance's ``generate``, guards the entry of transformers' own generate loop, and adds
-forward hooks; everything a call changes in the store happens in :meth:`PrefixCall.finish`, after the model has run,
-so an exception anywhere before leaves the store as it was (``PrefixCall.abort`` only releases the lookup's lock).
+:class:`PrefixCall` is one request's passage through the cache (``cache.request`` and ``generate`` both use it);
+everything a call changes in the store happens in :meth:`PrefixCall.finish`, after the model has run, so an exception
+anywhere before leaves the store as it was (``PrefixCall.abort`` only releases the lookup's lock).
 
-What the wrapper does with each kind of call is decided up front (:func:`_plan_call`): reuse and admission, a run
-without reuse (with the reason, warned once per reason), or a refusal before anything runs. Every convention of
-transformers it relies on (cache keywords, which settings fork the cache) comes from :mod:`.conventions`.
+:func:`generate_with_cache` is what ``model.generate`` does when it is given a MarconiCache (the instance-level
+wrapper of :mod:`.instance` calls it). What it does with each kind of call is decided up front (:func:`_plan_call`):
+reuse and admission, a run without reuse (with the reason, warned once per reason), or a refusal before anything
+runs. Every convention of transformers it relies on (cache keywords, how settings resolve, which modes fork the
+cache) comes from :mod:`.conventions`.
 """
 
 from __future__ import annotations
@@ -136,9 +138,8 @@ class PrefixCall:
         return self.plan.reuse_len
 
     def record(self) -> CallRecord:
-        prompt = self.input_ids.shape[-1]
-        unresumable = max(0, min(self.plan.matched_len, prompt - 1) - self.reused)
-        return CallRecord(prompt, self.reused, unresumable, self.plan.hit_kind, self.timings)
+        return CallRecord(self.input_ids.shape[-1], self.reused, self.plan.unresumable_len, self.plan.hit_kind,
+                          self.timings)
 
     def __repr__(self) -> str:
         return (f"PrefixCall(prompt={self.input_ids.shape[-1]} tokens, reused={self.reused}, "
@@ -412,20 +413,10 @@ def _may_be_padded(config: GenerationConfig, input_ids: torch.Tensor, attention_
     """
     if attention_mask is not None:
         return not bool(attention_mask.all())
-    pads, eos = _ids(config.pad_token_id), _ids(config.eos_token_id)
+    pads, eos = conventions.token_ids(config.pad_token_id), conventions.token_ids(config.eos_token_id)
     if not pads or set(pads) & set(eos):
         return False
     return any(bool((input_ids == pad).any()) for pad in pads)
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.flatten().tolist()]
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
 
 
 def _run_generate(

@@ -133,8 +133,7 @@ class PrepareInputs(_InstanceMethod):
         cache = conventions.find_cache(kwargs)
         skip = 0
         if (is_marconi_cache(cache) and cache.in_active_call() and kwargs.get("is_first_iteration")
-                and kwargs.get("next_sequence_length") is None and not conventions.generate_skips_cached_prompt(cache)
-                and cache.live_tokens):
+                and kwargs.get("next_sequence_length") is None and cache.live_tokens):
             skip = len(cache.live_tokens)
             kwargs["next_sequence_length"] = input_ids.shape[1] - skip
         inputs = self.inner()(input_ids, *args, **kwargs)

@@ -36,6 +36,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from . import conventions
 from .cache import MarconiCache
 from .families import cache_keyword_of
 
@@ -304,9 +305,7 @@ class MarconiPipeline:
     def eos_token_ids(self) -> set[int]:
         """Every id that ends a reply: the generation config's EOS ids and the tokenizer's."""
         configured = self.generate_defaults.get("eos_token_id", self.model.generation_config.eos_token_id)
-        ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
-        ids.add(self.tokenizer.eos_token_id)
-        return {int(i) for i in ids if i is not None}
+        return set(conventions.token_ids(configured)) | set(conventions.token_ids(self.tokenizer.eos_token_id))
 
     def chat(self, system: str | None = None, messages: Sequence[dict[str, str]] = ()) -> "ChatSession":
         """A new conversation, optionally starting with a system prompt and earlier messages."""

@@ -54,6 +54,7 @@ class RequestPlan:
     capture_positions: tuple[int, ...]  # strictly increasing, each in (reuse_len, len(input_ids) - 1]
     hit_kind: str | None  # "purely_input", "input_output", or None on a miss
     matched_len: int  # tokens of input_ids found in the tree, checkpoint or not
+    unresumable_len: int  # matched tokens (but the last input token) past reuse_len: stored, but no checkpoint there
     receipt: LockReceipt = field(repr=False, compare=False)
 
 
@@ -214,7 +215,8 @@ class PrefixStore:
                 raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
             receipt = self._tree.lock(reused if reused is not None else self._tree.root)
             self._open[id(receipt)] = receipt
-            self._count_lookup(ids, reused, unresumable=max(0, min(match.matched_len, limit) - reuse_len))
+            unresumable = max(0, min(match.matched_len, limit) - reuse_len)
+            self._count_lookup(ids, reused, unresumable)
             return RequestPlan(
                 input_ids=ids,
                 reuse_len=reuse_len,
@@ -223,6 +225,7 @@ class PrefixStore:
                 capture_positions=captures,
                 hit_kind=reused.origin if reused is not None else None,
                 matched_len=match.matched_len,
+                unresumable_len=unresumable,
                 receipt=receipt,
             )
 

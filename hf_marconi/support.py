@@ -27,7 +27,7 @@ _warned_unverified = False
 
 def installed_transformers_version() -> Version:
     """The installed release (without pre-release parts): every check here reads it through this function."""
-    return Version(conventions.INSTALLED.base_version)
+    return conventions.release(conventions.INSTALLED)
 
 
 def _config_of(model_or_config: nn.Module | PretrainedConfig) -> PretrainedConfig:

@@ -11,6 +11,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
 
+from ..conventions import release
+
 
 @dataclass(frozen=True)
 class Fix:
@@ -31,7 +33,7 @@ class Fix:
     why: str
 
     def needed(self, installed: Version) -> bool:
-        return Version(installed.base_version) in self.broken_in
+        return release(installed) in self.broken_in
 
 
 class InstanceForward:
