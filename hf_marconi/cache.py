@@ -270,7 +270,7 @@ class MarconiCache(DynamicCache):
         warnings.warn(
             f"the model's weights changed since MarconiCache stored its states; dropped {freed} bytes of stored "
             "states (they belong to the old weights)",
-            stacklevel=4,  # check_weights <- generate_with_cache <- GenerateWrapper.__call__ <- the caller
+            stacklevel=5,  # check_weights <- generate_with_cache <- patched_generate <- InstanceMethod <- the caller
         )
 
     def _measure(self) -> None:

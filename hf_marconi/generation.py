@@ -245,8 +245,8 @@ class _Warnings:
     def once(self, reason: str, message: str) -> None:
         if reason not in self._seen:
             self._seen.add(reason)
-            # once <- _run_without_reuse <- generate_with_cache <- the instance's generate <- the caller
-            warnings.warn(message, stacklevel=5)
+            # once <- _run_without_reuse <- generate_with_cache <- patched_generate <- InstanceMethod <- the caller
+            warnings.warn(message, stacklevel=6)
 
 
 _WARN = _Warnings()
@@ -427,7 +427,7 @@ def _run_generate(
 
     generate sees the whole prompt (so ``max_length``, ``min_length``, penalties and streamers count it) and feeds
     only the tokens past the cache: by itself where the cache counts tokens (attention layers), else through
-    :class:`PrepareInputs` (pure Mamba models).
+    :func:`~hf_marconi.instance.feed_uncached_prompt` (pure Mamba models).
     """
     return original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache))
 

@@ -106,7 +106,7 @@ def test_copies_of_a_model_with_a_cache_generate_as_the_original(family, tmp_pat
     model.save_pretrained(tmp_path)  # works with the hooks and wrappers installed
     assert (tmp_path / "config.json").exists()
     for name, duplicate in _copies(model).items():
-        assert duplicate.generate.model is duplicate, name
+        assert duplicate.generate.owner is duplicate, name
         assert torch.equal(duplicate.generate(prompt, **SETTINGS), first), name
         with pytest.raises(MarconiCacheError, match="another model instance"):
             duplicate.generate(prompt, past_key_values=cache, **SETTINGS)

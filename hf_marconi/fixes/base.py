@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -34,40 +32,3 @@ class Fix:
 
     def needed(self, installed: Version) -> bool:
         return release(installed) in self.broken_in
-
-
-class InstanceForward:
-    """A module's ``forward`` replaced on one instance by ``patch(module, forward, *args, **kwargs)``, where ``forward``
-    is what the module's forward was before: an earlier instance-level forward (an accelerate hook, say), or its
-    class's.
-
-    Unlike a closure or a bound method in the module's ``__dict__``, this pickles (``torch.save(model)``) and
-    deep-copies with the module: a copy patches the copied module, not the original. ``patch`` must be a
-    module-level function.
-    """
-
-    def __init__(self, module: nn.Module, patch: Callable[..., Any], previous: Callable[..., Any] | None = None):
-        self.module = module
-        self.patch = patch
-        self.previous = previous
-
-    def _inner(self) -> Callable[..., Any]:
-        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.patch(self.module, self._inner(), *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self._inner())
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (InstanceForward, (self.module, self.patch, self.previous))
-
-
-def patch_forward(module: nn.Module, patch: Callable[..., Any]) -> None:
-    """Install ``patch`` as ``module``'s forward (this instance only), unless it is installed already."""
-    current = module.__dict__.get("forward")
-    if isinstance(current, InstanceForward) and current.patch is patch:
-        return
-    module.forward = InstanceForward(module, patch, current)

@@ -23,7 +23,8 @@ from torch import nn
 from packaging.specifiers import SpecifierSet
 
 from ..conventions import CACHE_KEYWORDS, find_cache
-from .base import Fix, patch_forward
+from ..patching import patch_method
+from .base import Fix
 from .errors import UnsupportedModelError
 
 # The functions of transformers' Jamba module the corrected forward calls. They dispatch to mamba-ssm /
@@ -193,7 +194,7 @@ def install_jamba_mixer_fix(model: nn.Module) -> int:
 
     mixers = [module for module in model.modules() if isinstance(module, JambaMambaMixer)]
     for mixer in mixers:
-        patch_forward(mixer, corrected_jamba_forward)
+        patch_method(mixer, "forward", corrected_jamba_forward)
     return len(mixers)
 
 

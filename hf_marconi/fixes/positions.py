@@ -19,7 +19,8 @@ from packaging.specifiers import SpecifierSet
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..conventions import find_cache
-from .base import Fix, patch_forward
+from ..patching import patch_method
+from .base import Fix
 
 
 def _cached_length(cache: Cache | None) -> int:
@@ -31,7 +32,7 @@ def _cached_length(cache: Cache | None) -> int:
 
 def cache_aware_positions(module: nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:
     """A base-model forward whose missing ``position_ids`` start at the cache's length (installed as an
-    :class:`~.base.InstanceForward` patch; ``forward`` is the module's unpatched forward)."""
+    :class:`~hf_marconi.patching.InstanceMethod` patch; ``forward`` is the module's unpatched forward)."""
     signature = inspect.signature(forward)
     extra_keywords = next(
         (name for name, parameter in signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD), None
@@ -54,7 +55,7 @@ def install_cache_aware_positions(model: nn.Module, base_model_class: type[nn.Mo
     those already patched. Returns how many such modules the model has."""
     targets = [module for module in model.modules() if isinstance(module, base_model_class)]
     for module in targets:
-        patch_forward(module, cache_aware_positions)
+        patch_method(module, "forward", cache_aware_positions)
     return len(targets)
 
 
