@@ -219,23 +219,25 @@ class MarconiPipeline:
         stream the reply as it is generated. Every id is attended to: the attention mask is passed explicitly, so
         a generated id equal to the padding id is not taken for padding when a later turn feeds it back.
         """
-        return self._generate(prompt_ids, streamer, on_text, **generate_kwargs)[0]
+        return self._generate(prompt_ids, self.cache, streamer, on_text, **generate_kwargs)[0]
 
     def _generate(
         self,
         prompt_ids: Sequence[int],
+        cache: Any,
         streamer: BaseStreamer | None = None,
         on_text: Callable[[str], None] | None = None,
         **generate_kwargs: Any,
     ) -> list[list[int]]:
-        """The new ids of every returned sequence (``num_return_sequences`` of them)."""
+        """The new ids of every returned sequence (``num_return_sequences`` of them), generated through ``cache``."""
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.cache.input_device)
         settings = dict(self.generate_defaults, **generate_kwargs)
         streamers = [s for s in (streamer, _CallbackStreamer(self.tokenizer, on_text) if on_text else None)
                      if s is not None]
         if streamers:
             settings["streamer"] = streamers[0] if len(streamers) == 1 else _Fanout(streamers)
-        output = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache, **settings)
+        settings[cache_keyword_of(self.model)] = cache
+        output = self.model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return sequences[:, ids.shape[1]:].tolist()
 
@@ -271,7 +273,7 @@ class MarconiPipeline:
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             return [{"generated_text": (prompt if return_full_text else "") + self._decode(new)}
-                    for new in self._generate(ids, **generate_kwargs)]
+                    for new in self._generate(ids, self.cache, **generate_kwargs)]
         messages = [dict(message) for message in prompt]
         if continue_final_message is None:
             continue_final_message = messages[-1]["role"] == "assistant"
@@ -280,7 +282,8 @@ class MarconiPipeline:
             continue_final_message=continue_final_message,
         )
         records = []
-        for new in self._generate(self.tokenizer(text, add_special_tokens=False)["input_ids"], **generate_kwargs):
+        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for new in self._generate(prompt_ids, self.cache, **generate_kwargs):
             reply = self._decode(new)
             if not return_full_text:
                 records.append({"generated_text": reply})
@@ -319,12 +322,7 @@ class MarconiPipeline:
         decoding. For checks and examples."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.cache.input_device)
-        settings = dict(self.generate_defaults, **generate_kwargs)
-        settings[cache_keyword_of(self.model)] = DynamicCache(config=self.model.config)
-        output = self.model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return sequences[0, ids.shape[1]:].tolist()
+        return self._generate(prompt_ids, DynamicCache(config=self.model.config), **generate_kwargs)[0]
 
 
 @dataclass
