@@ -187,6 +187,8 @@ class MarconiCache(DynamicCache):
         check_supported(model)
         apply_fixes(model)
         self.config = model.config.get_text_config(decoder=True)
+        # Each thread's calls own their live layers and call markers (several threads may generate at once).
+        self._live = _ThreadLive(self.config)
         super().__init__(config=self.config)
         self.model = model
         self.fingerprint = config_fingerprint(self.config)
@@ -197,59 +199,80 @@ class MarconiCache(DynamicCache):
         # No attention layer at all (pure Mamba models): the cache counts no tokens itself.
         self.pure_recurrent = family_of(model).pure_recurrent
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        # Guards what is shared outside the store: the weights watch, re-measuring, the counters below.
+        self._shared_lock = threading.RLock()
         self._measure()
         if isinstance(policy, str):
             policy = _make_policy(policy, policy_options)
         if alpha_tuner == "default":
             alpha_tuner = AlphaTuner(grid=WIDE_ALPHA_GRID) if policy.alpha is not None else None
         self.store = PrefixStore(capacity_bytes, policy, self.costs, self.sizes, tuner=alpha_tuner)
-        # Tokens whose states the live layers hold, in order; None once a forward fed embeddings instead of ids.
-        self.live_tokens: list[int] | None = []
-        self._forward_depth = 0
-        # The latest call's record (reused tokens, capture positions, timings of the cache's own work).
+        # The latest call's record in any thread (reused tokens, capture positions, timings of the cache's own work);
+        # a caller gets its own call's record from generate's output or from cache.request.
         self.last_call: "generation.PrefixCall | None" = None
         # Calls that ran without reuse (batch > 1, padding, num_return_sequences > 1, use_cache=False).
         self.bypassed_calls = 0
         # Times the store was dropped because the model's weights changed.
         self.invalidations = 0
-        # One call at a time owns the model's live layers and mixers, whichever of its caches it uses; reentrant so
-        # a generate wrapper may run forwards under it.
-        self.call_lock = instance.model_lock(model)
-        self._active_thread: int | None = None
-        self._active_prompt: list[int] | None = None  # the prompt of the call in flight that restored a prefix
-        self._loops_in_call = 0  # transformers generate loops entered by the call in flight (one is allowed)
         self._weights = WeightsWatch(model)
         instance.install(model, self.pure_recurrent)
 
     # ----------------------------------------------------------- calls
+    @property
+    def live(self) -> "_ThreadLive":
+        """The calling thread's live layers, fed tokens and call markers."""
+        return self._live
+
+    @property
+    def layers(self) -> list[Any]:  # type: ignore[override]
+        return self._live.layers
+
+    @layers.setter
+    def layers(self, value: list[Any]) -> None:
+        self._live.layers = value
+
+    @property
+    def live_tokens(self) -> list[int] | None:
+        """Tokens whose states this thread's live layers hold, in order; None once a forward fed embeddings or a batch
+        instead of one sequence's ids."""
+        return self._live.tokens
+
+    @live_tokens.setter
+    def live_tokens(self, value: list[int] | None) -> None:
+        self._live.tokens = value
+
     @contextmanager
     def active_call(self) -> Iterator[None]:
         """Mark the current thread as inside a call that went through the cache (generate wrapper or request)."""
-        self._active_thread = threading.get_ident()
+        live = self._live
+        live.in_call, live.prompt, live.loops = True, None, 0
         try:
             yield
         finally:
-            self._active_thread = None
-            self._active_prompt = None
-            self._loops_in_call = 0
+            live.in_call, live.prompt, live.loops = False, None, 0
 
     def in_active_call(self) -> bool:
-        return self._active_thread == threading.get_ident()
+        return self._live.in_call
 
     def active_prompt(self) -> list[int] | None:
-        """The prompt of the call in flight in this thread that restored a prefix (None otherwise)."""
-        return self._active_prompt if self.in_active_call() else None
+        """The prompt of the call in flight in this thread, when it restored a prefix (None otherwise)."""
+        return self._live.prompt if self._live.in_call else None
 
     def refuse_nested_call(self) -> None:
-        """A call while another call of this model is in flight in the same thread (a stopping criterion, logits
+        """A call while another call through this cache is in flight in the same thread (a stopping criterion, logits
         processor or streamer calling generate, generate inside ``cache.request``) would reset the live states under
-        the outer call: refused. Call with the call lock held."""
-        if self._active_thread is not None:
+        the outer call: refused. Calls in other threads have live states of their own."""
+        if self._live.in_call:
             raise MarconiCacheError(
-                "a MarconiCache call was started inside another call of the same model (e.g. from a stopping "
-                "criterion, a logits processor or a streamer, or inside `with cache.request(...)`); it would reset the "
-                "outer call's live states. Finish the outer call first, or use a DynamicCache for the inner one"
+                "a MarconiCache call was started inside another call through the same cache in this thread (e.g. from "
+                "a stopping criterion, a logits processor or a streamer, or inside `with cache.request(...)`); it "
+                "would reset the outer call's live states. Finish the outer call first, or use a DynamicCache for "
+                "the inner one"
             )
+
+    def count_bypassed_call(self) -> None:
+        with self._shared_lock:
+            self.bypassed_calls += 1
 
     def continuation_kwargs(self, start: int, end: int, device: torch.device) -> dict[str, Any]:
         """Keyword arguments of a forward feeding positions ``start .. end-1`` into this live cache."""
@@ -260,13 +283,13 @@ class MarconiCache(DynamicCache):
     def check_weights(self) -> None:
         """Drop the stored states if the model's weights changed since they were stored (a stored state is a function
         of the weights; reusing it after a training step, a merged adapter or a dtype change gives wrong tokens)."""
-        if not self._weights.changed():
-            return
-        with self.call_lock:
+        with self._shared_lock:
+            if not self._weights.changed():
+                return
             freed = self.store.clear()
             self._measure()
-            self.reset_live()
             self.invalidations += 1
+        self.reset_live()
         warnings.warn(
             f"the model's weights changed since MarconiCache stored its states; dropped {freed} bytes of stored "
             "states (they belong to the old weights)",
@@ -292,10 +315,9 @@ class MarconiCache(DynamicCache):
     def clear(self) -> int:
         """Drop every stored state (e.g. after changing the model's weights by a route the cache cannot see);
         returns the bytes freed. Counters are kept."""
-        with self.call_lock:
-            freed = self.store.clear()
-            self.reset_live()
-            return freed
+        freed = self.store.clear()
+        self.reset_live()
+        return freed
 
     # ----------------------------------------------------------- live layers
     def reset_live(self) -> None:
@@ -316,7 +338,7 @@ class MarconiCache(DynamicCache):
         return len(self.live_tokens) if self.live_tokens is not None else 0
 
     def _check_in_forward(self) -> None:
-        if self._forward_depth == 0:
+        if self._live.forward_depth == 0:
             raise MarconiCacheError(
                 "this MarconiCache was built for a different model instance (config fingerprint "
                 f"{self.fingerprint}); build one MarconiCache per model and pass it only to that model"
@@ -389,23 +411,35 @@ class MarconiCache(DynamicCache):
         ``cache_salt`` / ``cache_salt_from``: the call's namespace, as for ``generate`` (see
         :class:`~hf_marconi.generation.CacheSalt`).
         """
-        with self.call_lock:
-            input_ids = self.validate_input_ids(input_ids)
-            if input_ids.shape[0] != 1:
-                raise MarconiCacheError(
-                    f"cache.request takes one sequence (input_ids of shape [1, L]); got batch size {input_ids.shape[0]}"
-                )
-            self.refuse_nested_call()
-            self.check_weights()
-            with self.active_call():
-                salt = generation.CacheSalt.from_kwargs({"cache_salt": cache_salt, "cache_salt_from": cache_salt_from})
-                call = generation.PrefixCall.begin(self, input_ids, salt)
-                try:
-                    yield call
-                except BaseException:
-                    call.abort()
-                    raise
-                call.finish()
+        input_ids = self.validate_input_ids(input_ids)
+        if input_ids.shape[0] != 1:
+            raise MarconiCacheError(
+                f"cache.request takes one sequence (input_ids of shape [1, L]); got batch size {input_ids.shape[0]}"
+            )
+        self.refuse_nested_call()
+        salt = generation.CacheSalt.from_kwargs({"cache_salt": cache_salt, "cache_salt_from": cache_salt_from})
+        self.check_weights()
+        with self.active_call():
+            call = generation.PrefixCall.begin(self, input_ids, salt)
+            try:
+                yield call
+            except BaseException:
+                call.abort()
+                raise
+            call.finish()
+
+
+class _ThreadLive(threading.local):
+    """What the calls of one thread own in a MarconiCache: the live layers a forward reads and writes, the tokens
+    they hold, and the markers of the call in flight. Built anew (empty) the first time a thread touches the cache."""
+
+    def __init__(self, config: Any) -> None:
+        self.layers: list[Any] = DynamicCache(config=config).layers
+        self.tokens: list[int] | None = []
+        self.forward_depth = 0  # nested model forwards in flight (a CausalLM's base model counts with it)
+        self.in_call = False  # inside generate's wrapper or cache.request
+        self.prompt: list[int] | None = None  # that call's prompt
+        self.loops = 0  # transformers generate loops the call entered (one is allowed)
 
 
 def _capacity(capacity_bytes: Any) -> int:

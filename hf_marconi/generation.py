@@ -156,7 +156,7 @@ class PrefixCall:
         plan = cache.store.plan(_store_key(salt, prompt))
         call = cls(cache, input_ids, plan, prefilled=plan.reuse_len, salt=salt)
         cache.last_call = call
-        cache._active_prompt = prompt
+        cache.live.prompt = prompt
         try:
             looked_up = time.perf_counter()
             cache.layout.restore(cache, plan.reuse_edges, plan.reuse_checkpoint, cache.layer_devices)
@@ -346,21 +346,20 @@ def generate_with_cache(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
                 f"{tuple(input_ids.shape)}; they must match"
             )
-        with cache.call_lock:
-            cache.refuse_nested_call()
-            cache.check_weights()
-            plan = _plan_call(config, input_ids, attention_mask)
-            with cache.active_call():
-                if not plan.reuse:
-                    return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
-                call = PrefixCall.begin(cache, input_ids, salt)
-                try:
-                    output = _run_generate(cache, original, input_ids, args, kwargs)
-                except BaseException:
-                    call.abort()
-                    raise
-                call.finish()
-                return _with_record(output, call.record())
+        cache.refuse_nested_call()
+        cache.check_weights()
+        plan = _plan_call(config, input_ids, attention_mask)
+        with cache.active_call():
+            if not plan.reuse:
+                return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
+            call = PrefixCall.begin(cache, input_ids, salt)
+            try:
+                output = _run_generate(cache, original, input_ids, args, kwargs)
+            except BaseException:
+                call.abort()
+                raise
+            call.finish()
+            return _with_record(output, call.record())
     except BaseException:
         _end_stream(kwargs.get("streamer"))
         raise
@@ -382,7 +381,7 @@ def _run_without_reuse(
 ) -> Any:
     """Run a call that cannot reuse stored states: on the live cache as a plain cache (reset first), or without any
     cache for ``use_cache=False``. Nothing is admitted; the store is untouched."""
-    cache.bypassed_calls += 1
+    cache.count_bypassed_call()
     cache.last_call = None
     _WARN.once(plan.without_reuse, (
         f"MarconiCache reuses and admits prefixes for one unpadded sequence per call; a call with "

@@ -10,13 +10,13 @@
 - forward hooks on the model and its base model (:func:`enter_forward`, :func:`leave_forward`): hand the cache on
   under the installed release's keyword, count the tokens fed, refuse a forward that does not continue the prompt.
 
-One lock per model instance (:func:`model_lock`) serialises the calls of every MarconiCache of that model.
+Several threads may call ``generate`` on one model with one or several MarconiCaches at once: every per-call fact the
+hooks read or write (live layers, tokens fed, the call in flight) is the calling thread's own (``cache.live``).
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -33,16 +33,7 @@ if TYPE_CHECKING:
 
 _INSTALLED = "_hf_marconi_installed"
 PREPARE_INPUTS = "prepare_inputs_for_generation"
-# One lock per model instance, shared by every MarconiCache of that model: a call owns the model's mixers (single-pass
-# capture replaces their forwards) and its live cache from lookup to admission.
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: torch.nn.Module) -> threading.RLock:
-    """The lock that serialises the MarconiCache calls of one model instance, whichever cache they use."""
-    with _MODEL_LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.RLock())
+_INSTALL_LOCK = threading.Lock()  # two caches built for one model in two threads install once
 
 
 def patched_generate(model: "PreTrainedModel", generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -68,8 +59,8 @@ def guard_generate_loop(
     directly, or a second loop inside a call, would run on stale live states without lookup or admission."""
     cache = conventions.find_cache(model_kwargs)
     if is_marconi_cache(cache) and cache.in_active_call():
-        cache._loops_in_call += 1
-    if is_marconi_cache(cache) and (not cache.in_active_call() or cache._loops_in_call > 1):
+        cache.live.loops += 1
+    if is_marconi_cache(cache) and (not cache.in_active_call() or cache.live.loops > 1):
         raise MarconiCacheError(
             "a MarconiCache was passed to transformers' generate without going through `model.generate` (e.g. "
             "`GenerationMixin.generate(model, ...)` or a subclass's `super().generate(...)`), which skips its "
@@ -116,7 +107,8 @@ def enter_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
             "a MarconiCache cannot be used inside torch.compile (it restores and copies live states between "
             "forwards); run the uncompiled model with it, or pass a DynamicCache to the compiled one"
         )
-    if cache._forward_depth == 0:  # the outermost forward (the inner base model of a CausalLM is counted with it)
+    live = cache.live
+    if live.forward_depth == 0:  # the outermost forward (the inner base model of a CausalLM is counted with it)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if cache.live_tokens is not None:
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
@@ -125,7 +117,7 @@ def enter_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
                 fed = ids[0].tolist()
                 _check_continues_the_prompt(cache, fed)
                 cache.live_tokens.extend(fed)
-    cache._forward_depth += 1
+    live.forward_depth += 1
     if conventions.cache_keywords_used(kwargs) == [cache.keyword]:
         return None
     return args, conventions.with_cache(kwargs, cache.keyword, cache)
@@ -150,15 +142,19 @@ def _check_continues_the_prompt(cache: "MarconiCache", fed: list[int]) -> None:
 def leave_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
     """Forward hook (always called, also after an exception)."""
     cache = _owning_cache(module, kwargs)
-    if cache is not None and cache._forward_depth > 0:
-        cache._forward_depth -= 1
+    if cache is not None and cache.live.forward_depth > 0:
+        cache.live.forward_depth -= 1
 
 
 def install(model: "PreTrainedModel", pure_recurrent: bool) -> None:
     """Wrap ``model.generate``, guard transformers' generate loop, feed pure recurrent models only the uncached prompt,
     and hook the forwards of the model and its base model (once per model instance)."""
-    if getattr(model, _INSTALLED, False):
-        return
+    with _INSTALL_LOCK:
+        if not getattr(model, _INSTALLED, False):
+            _install(model, pure_recurrent)
+
+
+def _install(model: "PreTrainedModel", pure_recurrent: bool) -> None:
     patch_method(model, "generate", patched_generate)
     patch_method(model, "_prepare_cache_for_generation", guard_generate_loop)
     if pure_recurrent:

@@ -100,16 +100,15 @@ def save_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
 
     ``key``: a secret; the file then carries an HMAC-SHA256 of its manifest (which holds every tensor's SHA-256), and
     ``load_cache(..., key=key)`` accepts only files written with that key. Without a key the checksums prove the file
-    is intact, not who wrote it: load only files you wrote. Waits for the call in flight (if any) so that the store
-    does not change while it is read; the store itself is never modified.
+    is intact, not who wrote it: load only files you wrote. Calls in flight go on meanwhile: the entries are listed
+    under the store's lock and copied outside it (stored payloads are replaced, never written in place).
     """
     target = Path(path)
     if target.is_dir():
         raise PersistenceError(f"{target} is a directory; pass a file path such as {target / 'cache.safetensors'}")
-    with cache.call_lock:
-        entries = cache.store.entries()
-        tensors: dict[str, torch.Tensor] = {}
-        records = [_entry_record(i, entry, tensors) for i, entry in enumerate(entries)]
+    entries = cache.store.entries()  # one consistent set, under the store's lock; payloads are never written in place
+    tensors: dict[str, torch.Tensor] = {}
+    records = [_entry_record(i, entry, tensors) for i, entry in enumerate(entries)]
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -267,7 +266,7 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
             raise PersistenceError(
                 f"the entry of prefix_len {entry.prefix_len} in {path} does not have this model's state sizes {sizes}"
             )
-    with cache.call_lock:
+    with cache.store.lock:
         if cache.store.nbytes or cache.store.tree.root.children:
             raise PersistenceError(
                 f"{path} can only be loaded into an empty MarconiCache; this one holds {cache.store.nbytes} bytes of "

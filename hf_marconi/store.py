@@ -56,6 +56,7 @@ class RequestPlan:
     matched_len: int  # tokens of input_ids found in the tree, checkpoint or not
     unresumable_len: int  # matched tokens (but the last input token) past reuse_len: stored, but no checkpoint there
     receipt: LockReceipt = field(repr=False, compare=False)
+    generation: int = 0  # the store's generation at planning: a plan from before a clear() commits nothing
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class PrefixStore:
         self._stats = StoreStats(capacity_bytes=capacity_bytes)
         self._clock = 0
         self._open: dict[int, LockReceipt] = {}  # id(receipt) -> receipt of every plan not yet committed or aborted
+        self._generation = 0  # bumped by clear(): plans made before it hold locks on a dropped tree
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------------- plan
@@ -227,6 +229,7 @@ class PrefixStore:
                 matched_len=match.matched_len,
                 unresumable_len=unresumable,
                 receipt=receipt,
+                generation=self._generation,
             )
 
     def _branch_point(self, ids: tuple[int, ...], match) -> int | None:
@@ -286,9 +289,11 @@ class PrefixStore:
         """
         seq = _as_token_tuple(tokens)
         with self._lock:
-            self._check_open(plan)
             if seq[: len(plan.input_ids)] != plan.input_ids:
                 raise ValueError("tokens must start with plan.input_ids; call abort(plan) to drop this request")
+            if self._outlived_by_clear(plan):
+                return AdmitResult(False, 0, (), 0, 0)  # its tree was dropped: the states may belong to old weights
+            self._check_open(plan)
             return self._commit(plan, seq, make_edge, checkpoints)
 
     def _commit(
@@ -454,8 +459,14 @@ class PrefixStore:
     def abort(self, plan: RequestPlan) -> None:
         """Release the plan's lock without storing anything."""
         with self._lock:
+            if self._outlived_by_clear(plan):
+                return
             self._check_open(plan)
             self._release(plan.receipt)
+
+    def _outlived_by_clear(self, plan: RequestPlan) -> bool:
+        """Whether ``plan`` was made before the latest :meth:`clear` (its lock was on the dropped tree)."""
+        return plan.generation != self._generation
 
     def _check_open(self, plan: RequestPlan) -> None:
         if id(plan.receipt) not in self._open or self._open[id(plan.receipt)] is not plan.receipt:
@@ -471,16 +482,26 @@ class PrefixStore:
         self._stats.bytes = self._tree.nbytes
 
     def clear(self) -> int:
-        """Drop every stored entry (the counters are kept); returns the bytes freed. Refused while a plan is open."""
+        """Drop every stored entry (the counters are kept); returns the bytes freed.
+
+        Requests in flight keep the states they restored (the dropped tree's payloads stay alive as long as their
+        plans hold them), but their commit stores nothing and their abort releases nothing: a clear usually means the
+        states belong to weights that changed."""
         with self._lock:
-            if self._open:
-                raise RuntimeError("cannot clear the store while a request holds a lookup; finish or abort it first")
             freed = self._tree.nbytes
             self._tree = RadixTree()
+            self._open.clear()
+            self._generation += 1
             self._stats.bytes = 0
             return freed
 
     # -------------------------------------------------------------------------------------------- queries
+    @property
+    def lock(self) -> threading.RLock:
+        """The store's own lock, held by every method for tree work only (never across a model forward): hold it to
+        read or move stored payloads as one consistent set (tiers)."""
+        return self._lock
+
     @property
     def nbytes(self) -> int:
         return self._tree.nbytes

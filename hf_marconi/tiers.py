@@ -134,15 +134,16 @@ class TieredStorage:
 
     def tier_bytes(self) -> dict[str, int]:
         """Bytes of stored payloads per tier."""
-        with self.cache.call_lock:
+        with self.cache.store.lock:
             spilled = sum(_spilled_bytes(n) for n in self.cache.store.tree.nodes())
             return {"fast": self.cache.store.nbytes - spilled, "spill": spilled}
 
     def rebalance(self) -> None:
         """Fill the fast tier with the most recently used entries that fit and spill the others (promoting spilled
-        entries that became recent). Runs after every commit; safe to call any time no request is in flight."""
+        entries that became recent). Runs after every commit, under the store's lock (requests in flight keep the
+        payloads they restored)."""
         store = self.cache.store
-        with self.cache.call_lock:
+        with self.cache.store.lock:
             nodes = sorted(store.tree.nodes(), key=lambda n: (-n.last_access, n.depth, n.uid))
             room = self.fast_capacity_bytes
             for node in nodes:

@@ -120,8 +120,8 @@ def test_copies_of_a_model_with_a_cache_generate_as_the_original(family, tmp_pat
 
 @pytest.mark.timeout(300)
 def test_two_caches_on_one_model_in_two_threads_capture_without_interference():
-    """Two caches of one model share its mixers; their calls are serialised by the model's lock, so single-pass
-    captures never see each other's forwards and no split wrapper is left behind."""
+    """Two caches of one model share its mixers; their calls run at once, each single-pass capture splits only its own
+    thread's forward, and no split wrapper is left behind."""
     model = build_model("bamba")
     caches = [MarconiCache(model, capacity_bytes=CAPACITY) for _ in range(2)]
     system = _tokens(16, 8)

@@ -335,13 +335,12 @@ def run_soak(model, requests: int, real_every: int, check_every: int, seed: int 
         else:
             prompt, index = encoded.next()
             output = [rng.randrange(1000, 1400) for _ in range(rng.randint(1, 4))]
-            with cache.call_lock:
-                plan = store.plan(prompt)
-                states.check_restores(plan)
-                tokens = prompt + output[:-1]  # the live cache commits all but the last generated token
-                positions = store.checkpoint_positions(plan, len(tokens))
-                store.commit(plan, tokens, lambda start, end: states.edge(tokens[start:end], start),
-                             {p: states.checkpoint(tokens[:p]) for p in positions})
+            plan = store.plan(prompt)
+            states.check_restores(plan)
+            tokens = prompt + output[:-1]  # the live cache commits all but the last generated token
+            positions = store.checkpoint_positions(plan, len(tokens))
+            store.commit(plan, tokens, lambda start, end: states.edge(tokens[start:end], start),
+                         {p: states.checkpoint(tokens[:p]) for p in positions})
             encoded.record(index, prompt + output)
         assert store.nbytes <= store.capacity_bytes, f"capacity exceeded at request {step}"
         if step % 250 == 0:

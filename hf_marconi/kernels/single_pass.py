@@ -41,6 +41,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..families import family_of
+from ..patching import InstanceMethod, patch_method
 from ..states import DeviceSpec, StateCheckpoint, StateLayout, map_payload
 
 if TYPE_CHECKING:
@@ -92,82 +93,112 @@ class BranchCapture:
     end: int
     positions: tuple[int, ...]
     checkpoints: dict[int, StateCheckpoint] = field(default_factory=dict)
-    thread: int = field(default_factory=threading.get_ident)  # only this thread's forward is split
 
     @property
     def offsets(self) -> tuple[int, ...]:
         """Split points inside the forward's input, relative to ``start``; a position at ``end`` needs no split."""
         return tuple(p - self.start for p in self.positions if p < self.end)
 
-    def split_forward(self, layer_idx: int, forward: Callable[..., Any]) -> Callable[..., Any]:
-        """A mixer forward that runs ``forward`` segment by segment, copying the layer's states between segments."""
-
-        def run(*args: Any, **kwargs: Any) -> torch.Tensor:
-            # The mixer instance is shared: another thread's forward, or a forward on another cache, runs unsplit.
-            if threading.get_ident() != self.thread or not any(v is self.cache for v in (*args, *kwargs.values())):
-                return forward(*args, **kwargs)
-            if args:
-                hidden_states, args = args[0], args[1:]
-            else:
-                hidden_states = kwargs.pop("hidden_states")
-            length = hidden_states.shape[1]
-            if length != self.end - self.start:
-                raise RuntimeError(
-                    f"the mixer of layer {layer_idx} got {length} tokens inside a single-pass capture over "
-                    f"[{self.start}, {self.end}); run exactly one forward over that range inside "
-                    "`capture_branch_states`"
+    def split(self, layer_idx: int, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
+        """Run a mixer's ``forward(*args, **kwargs)`` segment by segment, copying the layer's states between
+        segments."""
+        if args:
+            hidden_states, args = args[0], args[1:]
+        else:
+            hidden_states = kwargs.pop("hidden_states")
+        length = hidden_states.shape[1]
+        if length != self.end - self.start:
+            raise RuntimeError(
+                f"the mixer of layer {layer_idx} got {length} tokens inside a single-pass capture over "
+                f"[{self.start}, {self.end}); run exactly one forward over that range inside `capture_branch_states`"
+            )
+        mask = kwargs.get("attention_mask")
+        bounds = (0, *self.offsets, length)
+        outputs = []
+        for low, high in zip(bounds[:-1], bounds[1:]):
+            if isinstance(mask, torch.Tensor):
+                kwargs["attention_mask"] = mask[..., low:high]
+            output = forward(hidden_states[:, low:high], *args, **kwargs)
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"{type(output).__name__} returned by the mixer of layer {layer_idx}: single-pass capture "
+                    "expects mixers that return one tensor; remove the class from its family's splittable_mixers"
                 )
-            mask = kwargs.get("attention_mask")
-            bounds = (0, *self.offsets, length)
-            outputs = []
-            for segment, (low, high) in enumerate(zip(bounds[:-1], bounds[1:])):
-                if isinstance(mask, torch.Tensor):
-                    kwargs["attention_mask"] = mask[..., low:high]
-                output = forward(hidden_states[:, low:high], *args, **kwargs)
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(
-                        f"{type(output).__name__} returned by the mixer of layer {layer_idx}: single-pass capture "
-                        "expects mixers that return one tensor; remove the class from its family's splittable_mixers"
-                    )
-                outputs.append(output)
-                if high < length:
-                    position = self.start + high
-                    _copy_layer_states(self.cache, layer_idx, self.checkpoints.setdefault(position, StateCheckpoint()))
-            return torch.cat(outputs, dim=1)
+            outputs.append(output)
+            if high < length:
+                position = self.start + high
+                _copy_layer_states(self.cache, layer_idx, self.checkpoints.setdefault(position, StateCheckpoint()))
+        return torch.cat(outputs, dim=1)
 
-        return run
+
+# The capture in flight in each thread: several threads may capture on one model at once, each splitting only its
+# own forward (the mixers are shared; what they do depends on the calling thread).
+_IN_FLIGHT = threading.local()
+# Captures in flight per model (all threads): the mixers carry the splitting forward while there is at least one.
+_CAPTURES_PER_MODEL: dict[int, int] = {}
+_MIXERS_LOCK = threading.Lock()
+
+
+def split_when_capturing(mixer: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A splittable mixer's ``forward`` while some thread captures on its model: split when the calling thread's
+    capture runs on the cache passed; any other forward (another thread's, another cache's) runs unsplit."""
+    capture: BranchCapture | None = getattr(_IN_FLIGHT, "capture", None)
+    if capture is None or not any(v is capture.cache for v in (*args, *kwargs.values())):
+        return forward(*args, **kwargs)
+    return capture.split(mixer.layer_idx, forward, args, kwargs)
+
+
+def _hold_mixers(model: nn.Module) -> None:
+    """Give the model's splittable mixers the splitting forward (the first capture in flight on the model)."""
+    with _MIXERS_LOCK:
+        count = _CAPTURES_PER_MODEL.get(id(model), 0)
+        if count == 0:
+            for mixer in recurrent_mixers(model).values():
+                patch_method(mixer, "forward", split_when_capturing)
+        _CAPTURES_PER_MODEL[id(model)] = count + 1
+
+
+def _release_mixers(model: nn.Module) -> None:
+    """Put each mixer's previous forward back (a wrapper that was there before, e.g. an accelerate hook, stays)
+    when the last capture in flight on the model ends."""
+    with _MIXERS_LOCK:
+        count = _CAPTURES_PER_MODEL.pop(id(model)) - 1
+        if count:
+            _CAPTURES_PER_MODEL[id(model)] = count
+            return
+        for mixer in recurrent_mixers(model).values():
+            patched = vars(mixer).get("forward")
+            if isinstance(patched, InstanceMethod) and patched.patch is split_when_capturing:
+                if patched.previous is None:
+                    del mixer.forward
+                else:
+                    mixer.forward = patched.previous
 
 
 @contextmanager
 def capture_branch_states(
     model: nn.Module, cache: Cache, start: int, end: int, positions: Sequence[int]
 ) -> Iterator[BranchCapture]:
-    """Split every splittable mixer of ``model`` at ``positions`` for the forwards run inside the block.
+    """Split every splittable mixer of ``model`` at ``positions`` for the forwards this thread runs on ``cache``
+    inside the block.
 
     Run exactly one forward over ``input_ids[:, start:end]`` on ``cache`` inside the block; afterwards
-    ``capture.checkpoints[p]`` holds the mixer states at each ``p < end`` (on the layers' devices). The mixers are
-    replaced per instance (``module.forward``) and put back on leaving, even on an exception; other instances of
-    the same class are untouched.
+    ``capture.checkpoints[p]`` holds the mixer states at each ``p < end`` (on the layers' devices). The mixers'
+    ``forward`` is replaced per instance while any thread captures on the model, and put back when the last capture
+    ends, even on an exception; other instances of the same class are untouched.
     """
     positions = tuple(sorted(set(positions)))
     if not positions or not start < positions[0] or positions[-1] > end:
         raise ValueError(f"capture positions {positions} must lie in ({start}, {end}]")
     capture = BranchCapture(cache, start, end, positions)
-    mixers = recurrent_mixers(model)
-    replaced: list[tuple[nn.Module, Any]] = []
+    outer = getattr(_IN_FLIGHT, "capture", None)
+    _hold_mixers(model)
+    _IN_FLIGHT.capture = capture
     try:
-        for layer_idx, mixer in mixers.items():
-            # An instance attribute `forward` (accelerate hooks, another wrapper) is wrapped, then put back.
-            previous = mixer.__dict__.get("forward")
-            mixer.forward = capture.split_forward(layer_idx, mixer.forward)
-            replaced.append((mixer, previous))
         yield capture
     finally:
-        for mixer, previous in replaced:
-            if previous is None:
-                del mixer.forward
-            else:
-                mixer.forward = previous
+        _IN_FLIGHT.capture = outer
+        _release_mixers(model)
 
 
 def single_pass_prefill(
