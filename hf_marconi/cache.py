@@ -8,7 +8,7 @@ How it hooks into ``generate``: building a MarconiCache for a model wraps that m
 and adds forward hooks. When a call passes a MarconiCache (as ``past_key_values=`` or ``cache=``, on every declared
 transformers release; see :mod:`.conventions`), the wrapper restores the longest
 stored prefix into the live layers *before* ``generate`` runs, so ``generate`` sees a cache of that length and feeds
-only the unmatched suffix; after it returns, the new states are admitted by the policy (see :mod:`.generation`).
+only the unmatched suffix; after it returns, the new states are admitted by the policy (see :mod:`.wrapper` and :mod:`.generation`).
 Plain ``model(...)`` forwards use the object as an ordinary live cache; :meth:`MarconiCache.request` gives them the
 same lookup / admission as ``generate``.
 """
@@ -163,7 +163,7 @@ class MarconiCache(DynamicCache):
             mixers cannot split, e.g. Jamba) or ``"two_pass"`` (a forward up to the branch point, then the rest).
         **policy_options: passed to the policy factory (e.g. ``alpha=0.5``, ``block_size=32`` for vLLM+).
 
-    Only batch-size-1 calls reuse and admit states; larger batches run without reuse (with a warning). When the
+    Each row of a left-padded batch reuses and admits states on its own (:mod:`hf_marconi.batched`). When the
     model's weights change (in place, or by ``.to(dtype)``), the stored states are dropped at the next call.
     """
 
@@ -210,7 +210,7 @@ class MarconiCache(DynamicCache):
         # The latest call's record in any thread (reused tokens, capture positions, timings of the cache's own work);
         # a caller gets its own call's record from generate's output or from cache.request.
         self.last_call: "generation.PrefixCall | None" = None
-        # Calls that ran without reuse (batch > 1, padding, num_return_sequences > 1, use_cache=False).
+        # Calls that ran without reuse (use_cache=False, hidden states asked for, batches it cannot align).
         self.bypassed_calls = 0
         # Times the store was dropped because the model's weights changed.
         self.invalidations = 0

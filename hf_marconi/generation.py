@@ -1,14 +1,11 @@
-"""The per-call flow of a MarconiCache: lookup, restore, branch-point capture, generate, admit.
+"""The per-call flow of a MarconiCache: lookup, restore, branch-point capture, admit.
 
-:class:`PrefixCall` is one request's passage through the cache (``cache.request`` and ``generate`` both use it);
-everything a call changes in the store happens in :meth:`PrefixCall.finish`, after the model has run, so an exception
-anywhere before leaves the store as it was (``PrefixCall.abort`` only releases the lookup's lock).
+:class:`PrefixCall` is one request's passage through the cache (``cache.request``, ``generate`` and each row of a
+batched ``generate`` use it); everything a call changes in the store happens in :meth:`PrefixCall.finish`, after the
+model has run, so an exception anywhere before leaves the store as it was (``PrefixCall.abort`` only releases the
+lookup's lock). :class:`CacheSalt` is a call's namespace, :class:`CallRecord` what the caller gets back.
 
-:func:`generate_with_cache` is what ``model.generate`` does when it is given a MarconiCache (the instance-level
-wrapper of :mod:`.instance` calls it). What it does with each kind of call is decided up front (:func:`_plan_call`):
-reuse and admission, a run without reuse (with the reason, warned once per reason), or a refusal before anything
-runs. Every convention of transformers it relies on (cache keywords, how settings resolve, which modes fork the
-cache) comes from :mod:`.conventions`.
+What ``model.generate`` does with a MarconiCache is in :mod:`.wrapper`; batched calls in :mod:`.batched`.
 """
 
 from __future__ import annotations
@@ -18,19 +15,15 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import GenerationConfig
 
-from . import conventions
 from .errors import MarconiCacheError
 from .kernels.single_pass import single_pass_prefill
 from .states import StateCheckpoint
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
     from .cache import MarconiCache
     from .store import RequestPlan
 
@@ -97,7 +90,7 @@ class CacheSalt:
         return cls(name, start)
 
 
-def _store_key(salt: CacheSalt | None, tokens: list[int]) -> list[int]:
+def store_key(salt: CacheSalt | None, tokens: list[int]) -> list[int]:
     return tokens if salt is None else salt.key(tokens)
 
 
@@ -113,6 +106,7 @@ class CallRecord:
     hit_kind: str | None  # "purely_input" (a shared prompt's branch point), "input_output" (an earlier turn), None
     timings: CallTimings
     without_reuse: str = ""  # why the call ran without reuse; "" when it looked its prompt up
+    rows: tuple["CallRecord", ...] = ()  # a batched call: one record per prompt row (the fields above are their sums)
 
 
 @dataclass
@@ -146,14 +140,17 @@ class PrefixCall:
                 f"prefilled={self.prefilled}, checkpoints={sorted(self.checkpoints)}, timings={self.timings})")
 
     @classmethod
-    def begin(cls, cache: "MarconiCache", input_ids: torch.Tensor, salt: CacheSalt | None = None) -> "PrefixCall":
+    def begin(
+        cls, cache: "MarconiCache", input_ids: torch.Tensor, salt: CacheSalt | None = None,
+        also_branches_at: tuple[int, ...] = (),
+    ) -> "PrefixCall":
         """Look up the prompt (in ``salt``'s namespace), restore the reusable prefix, and prefill up to each capture
-        position."""
+        position (``also_branches_at``: where the prompt branches off other rows of its batch)."""
         cache.reset_live()
         started = time.perf_counter()
         prompt = input_ids[0].tolist()
         salt = salt.for_prompt(len(prompt)) if salt is not None else None
-        plan = cache.store.plan(_store_key(salt, prompt))
+        plan = cache.store.plan(store_key(salt, prompt), also_branches_at)
         call = cls(cache, input_ids, plan, prefilled=plan.reuse_len, salt=salt)
         cache.last_call = call
         cache.live.prompt = prompt
@@ -184,7 +181,7 @@ class PrefixCall:
                 self.prefilled = end
                 return
         for position in positions:
-            _prefill(cache, self.input_ids[:, self.prefilled : position], start=self.prefilled)
+            prefill_live(cache, self.input_ids[:, self.prefilled : position], start=self.prefilled)
             self.checkpoints[position] = cache.layout.take_checkpoint(cache, cache.storage_device)
             self.prefilled = position
 
@@ -215,12 +212,21 @@ class PrefixCall:
         checkpoints = dict(self.checkpoints)
         if end in cache.store.checkpoint_positions(self.plan, end):
             checkpoints[end] = cache.layout.take_checkpoint(cache, cache.storage_device)
+        self._commit(tokens, checkpoints, started)
+
+    def admit_prompt(self) -> None:
+        """Admit the checkpoints captured in the prefill and the prompt's KV up to the deepest of them, nothing past
+        the prompt: a batched row's admission before decoding, so that later rows of the batch can reuse it."""
+        self._commit(self.input_ids[0].tolist(), dict(self.checkpoints), time.perf_counter())
+
+    def _commit(self, tokens: list[int], checkpoints: dict[int, StateCheckpoint], started: float) -> None:
+        cache = self.cache
 
         def make_edge(start: int, stop: int):
             return cache.layout.take_edge(cache, start, stop, cache.storage_device)
 
         try:
-            result = cache.store.commit(self.plan, _store_key(self.salt, tokens), make_edge, checkpoints)
+            result = cache.store.commit(self.plan, store_key(self.salt, tokens), make_edge, checkpoints)
         except BaseException:
             cache.reset_live()
             raise
@@ -228,207 +234,8 @@ class PrefixCall:
         logger.debug("MarconiCache admitted %s in %.3f ms", result, self.timings.admit_s * 1e3)
 
 
-def _prefill(cache: "MarconiCache", chunk: torch.Tensor, start: int) -> None:
+def prefill_live(cache: "MarconiCache", chunk: torch.Tensor, start: int) -> None:
     """Feed ``chunk`` (shape [1, L]) at positions ``start .. start+L-1`` into the live cache."""
     chunk = chunk.to(cache.input_device)
     with torch.no_grad():
         cache.model(input_ids=chunk, **cache.continuation_kwargs(start, start + chunk.shape[1], chunk.device))
-
-
-# ------------------------------------------------------------------------------------------------- the wrapper
-class _Warnings:
-    """Each reason for running without reuse is warned about once per process (not once per call)."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def once(self, reason: str, message: str) -> None:
-        if reason not in self._seen:
-            self._seen.add(reason)
-            # once <- _run_without_reuse <- generate_with_cache <- patched_generate <- InstanceMethod <- the caller
-            warnings.warn(message, stacklevel=6)
-
-
-_WARN = _Warnings()
-
-
-@dataclass(frozen=True)
-class CallPlan:
-    """What the wrapper does with one generate call: ``reuse`` (lookup, restore, admit), or run it without reuse
-    (``without_reuse`` names why), or without any cache at all (``uncached``: ``use_cache=False``)."""
-
-    reuse: bool
-    without_reuse: str = ""
-    uncached: bool = False
-
-
-def _plan_call(
-    config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> CallPlan:
-    """What to do with a call, from the settings it runs with (``config``: model defaults, passed config, keywords)."""
-    if config.use_cache is False:
-        return CallPlan(reuse=False, without_reuse="use_cache=False", uncached=True)
-    if input_ids.shape[0] != 1:
-        return CallPlan(reuse=False, without_reuse="batch size > 1")
-    for name in ("output_hidden_states", "output_attentions"):
-        if getattr(config, name, None):
-            return CallPlan(reuse=False, without_reuse=f"{name}=True (restored positions have no hidden states or "
-                                                        "attentions to return)")
-    if (config.num_return_sequences or 1) > 1:
-        return CallPlan(reuse=False, without_reuse="num_return_sequences > 1")
-    if _may_be_padded(config, input_ids, attention_mask):
-        return CallPlan(reuse=False, without_reuse="a padded prompt")
-    return CallPlan(reuse=True)
-
-
-def _refuse_unsupported_modes(
-    model: "PreTrainedModel", cache: "MarconiCache", config: GenerationConfig, kwargs: dict[str, Any]
-) -> None:
-    """Decoding modes that rewrite or fork the cache, inputs_embeds and compiled forwards are refused before anything
-    runs."""
-    why = conventions.cache_rewriting_mode(config, kwargs)
-    if why is not None:
-        raise ValueError(
-            f"{why}; a MarconiCache supports greedy decoding and sampling. Generate without it, or pass a DynamicCache"
-        )
-    if kwargs.get("inputs_embeds") is not None:
-        raise ValueError("a MarconiCache looks prompts up by token ids: pass input_ids, not inputs_embeds")
-    if config.prefill_chunk_size is not None and cache.pure_recurrent:
-        raise ValueError(
-            "prefill_chunk_size needs a model with attention layers: transformers' chunked prefill asks the cache "
-            "for its length, which a pure recurrent model's cache does not track (it fails with a DynamicCache too)"
-        )
-    if _is_compiled(model):
-        raise ValueError(
-            "this model's forward is wrapped by torch.compile; a MarconiCache restores and copies live states between "
-            "forwards, which a compiled graph does not see. Generate with the uncompiled model (or pass a "
-            "DynamicCache to the compiled one)"
-        )
-
-
-def _is_compiled(model: "PreTrainedModel") -> bool:
-    """``model.forward = torch.compile(model.forward)`` or ``model.compile()``."""
-    return (getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
-            or getattr(model, "_compiled_call_impl", None) is not None)
-
-
-def is_marconi_cache(value: Any) -> bool:
-    """Whether ``value`` is a MarconiCache (recognised by its marker, so that this module need not import the cache)."""
-    return bool(getattr(value, "is_marconi_cache", False))
-
-
-def generate_with_cache(
-    model: "PreTrainedModel", original: Callable[..., Any], *args: Any, **kwargs: Any
-) -> Any:
-    """``model.generate(*args, **kwargs)`` (``original``: the generate it replaces) through the MarconiCache passed,
-    if any."""
-    cache = conventions.find_cache(kwargs)
-    if not is_marconi_cache(cache):
-        return original(*args, **kwargs)
-    try:
-        salt = CacheSalt.from_kwargs(kwargs)
-        if cache.model is not model:
-            raise MarconiCacheError(
-                f"this MarconiCache belongs to another model instance ({type(cache.model).__name__}, config "
-                f"fingerprint {cache.fingerprint}); build one MarconiCache per model"
-            )
-        if args:
-            input_ids, args = args[0], args[1:]
-        else:
-            input_ids = kwargs.pop("inputs", None)
-            input_ids = kwargs.pop("input_ids", None) if input_ids is None else input_ids
-        config = conventions.generation_config_of_call(model, args, kwargs)
-        _refuse_unsupported_modes(model, cache, config, kwargs)
-        input_ids = cache.validate_input_ids(input_ids)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise MarconiCacheError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-                f"{tuple(input_ids.shape)}; they must match"
-            )
-        cache.refuse_nested_call()
-        cache.check_weights()
-        plan = _plan_call(config, input_ids, attention_mask)
-        with cache.active_call():
-            if not plan.reuse:
-                return _run_without_reuse(cache, original, input_ids, args, kwargs, plan)
-            call = PrefixCall.begin(cache, input_ids, salt)
-            try:
-                output = _run_generate(cache, original, input_ids, args, kwargs)
-            except BaseException:
-                call.abort()
-                raise
-            call.finish()
-            return _with_record(output, call.record())
-    except BaseException:
-        _end_stream(kwargs.get("streamer"))
-        raise
-
-
-def _end_stream(streamer: Any) -> None:
-    """Close a streamer whose generate raised, so that a consumer iterating it in another thread (e.g. a
-    ``TextIteratorStreamer``) stops instead of waiting forever; the error itself propagates to generate's caller."""
-    if streamer is not None and hasattr(streamer, "end"):
-        try:
-            streamer.end()
-        except Exception:  # the streamer may be half-fed; the generate error is the one to report
-            logger.debug("ending the streamer after a failed generate raised too", exc_info=True)
-
-
-def _run_without_reuse(
-    cache: "MarconiCache", original: Callable[..., Any], input_ids: torch.Tensor, args: tuple[Any, ...],
-    kwargs: dict[str, Any], plan: CallPlan,
-) -> Any:
-    """Run a call that cannot reuse stored states: on the live cache as a plain cache (reset first), or without any
-    cache for ``use_cache=False``. Nothing is admitted; the store is untouched."""
-    cache.count_bypassed_call()
-    cache.last_call = None
-    _WARN.once(plan.without_reuse, (
-        f"MarconiCache reuses and admits prefixes for one unpadded sequence per call; a call with "
-        f"{plan.without_reuse} runs without reuse and admits nothing"
-    ))
-    cache.reset_live()
-    record = CallRecord(input_ids.shape[-1], 0, 0, None, CallTimings(), without_reuse=plan.without_reuse)
-    if plan.uncached:
-        kwargs = {name: value for name, value in kwargs.items() if name not in conventions.CACHE_KEYWORDS}
-        return _with_record(original(input_ids, *args, **kwargs), record)
-    cache.live_tokens = None  # several rows or masked positions: the live layers no longer follow one token list
-    return _with_record(original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache)), record)
-
-
-def _with_record(output: Any, record: CallRecord) -> Any:
-    """``output`` with the call's record attached, where generate returned an output object (not a bare tensor)."""
-    if not isinstance(output, torch.Tensor):
-        output.marconi_record = record
-    return output
-
-
-def _may_be_padded(config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
-    """Whether generate will mask some prompt positions: a mask with zeros, or no mask and a prompt holding the pad
-    token id, from which generate infers padding (a restored prefix would then disagree with the mask).
-
-    Like transformers' ``_prepare_attention_mask_for_generation``, nothing is inferred when the pad id is also an
-    EOS id: a multi-turn prompt holding an earlier turn's EOS is not padded.
-    """
-    if attention_mask is not None:
-        return not bool(attention_mask.all())
-    pads, eos = conventions.token_ids(config.pad_token_id), conventions.token_ids(config.eos_token_id)
-    if not pads or set(pads) & set(eos):
-        return False
-    return any(bool((input_ids == pad).any()) for pad in pads)
-
-
-def _run_generate(
-    cache: "MarconiCache", original: Callable[..., Any], input_ids: torch.Tensor, args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    """Run transformers' generate on a live cache that already holds the restored prefix (and any branch prefill).
-
-    generate sees the whole prompt (so ``max_length``, ``min_length``, penalties and streamers count it) and feeds
-    only the tokens past the cache: by itself where the cache counts tokens (attention layers), else through
-    :func:`~hf_marconi.instance.feed_uncached_prompt` (pure Mamba models).
-    """
-    return original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache))
-
-
-# ------------------------------------------------------------------------------------------ installed on the model

@@ -2,7 +2,7 @@
 (:mod:`.patching`) and two forward hooks, all picklable and deep-copyable with the model.
 
 - ``generate`` (:func:`patched_generate`): calls with a MarconiCache go through
-  :func:`~hf_marconi.generation.generate_with_cache`;
+  :func:`~hf_marconi.wrapper.generate_with_cache`;
 - ``_prepare_cache_for_generation`` (:func:`guard_generate_loop`): refuses transformers' generate loop on a
   MarconiCache that did not come through that ``generate``;
 - ``prepare_inputs_for_generation`` (:func:`feed_uncached_prompt`, pure recurrent models only): feeds only the prompt
@@ -23,7 +23,7 @@ import torch
 
 from . import conventions
 from .errors import MarconiCacheError
-from .generation import generate_with_cache, is_marconi_cache
+from .wrapper import generate_with_cache, is_marconi_cache
 from .patching import is_patched, patch_method
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ _INSTALL_LOCK = threading.Lock()  # two caches built for one model in two thread
 
 def patched_generate(model: "PreTrainedModel", generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``model.generate``: calls with a MarconiCache go through the cache
-    (:func:`~hf_marconi.generation.generate_with_cache`); every other call goes straight to the replaced ``generate``.
+    (:func:`~hf_marconi.wrapper.generate_with_cache`); every other call goes straight to the replaced ``generate``.
     A MarconiCache built for the original model is refused by a copy of it (another model instance)."""
     cache = conventions.find_cache(kwargs)
     if getattr(cache, "pure_recurrent", False) and not is_patched(model, PREPARE_INPUTS, feed_uncached_prompt):

@@ -157,8 +157,8 @@ class StateLayout:
         return bool(self.kv_layers or self.window_layers)
 
     # ------------------------------------------------------------------ take
-    def take_edge(self, cache: Cache, start: int, end: int, device: DeviceSpec = None) -> KVEdge:
-        """Copy the attention KV of tokens ``[start, end)`` of a live cache (batch row 0)."""
+    def take_edge(self, cache: Cache, start: int, end: int, device: DeviceSpec = None, row: int = 0) -> KVEdge:
+        """Copy the attention KV of cache positions ``[start, end)`` of batch row ``row`` of a live cache."""
         if not 0 <= start < end:
             raise ValueError(f"empty or negative token range [{start}, {end})")
         kv = {}
@@ -167,13 +167,13 @@ class StateLayout:
             if layer.get_seq_length() < end:
                 raise ValueError(f"layer {idx} holds {layer.get_seq_length()} tokens, fewer than the {end} asked for")
             kv[idx] = (
-                copy_to(layer.keys[:1, :, start:end], device),
-                copy_to(layer.values[:1, :, start:end], device),
+                copy_to(layer.keys[row : row + 1, :, start:end], device),
+                copy_to(layer.values[row : row + 1, :, start:end], device),
             )
         return KVEdge(end - start, kv)
 
-    def take_checkpoint(self, cache: Cache, device: DeviceSpec = None) -> StateCheckpoint:
-        """Copy the fixed-size states of a live cache (batch row 0) at its current position."""
+    def take_checkpoint(self, cache: Cache, device: DeviceSpec = None, row: int = 0) -> StateCheckpoint:
+        """Copy the fixed-size states of batch row ``row`` of a live cache at its current position."""
         checkpoint = StateCheckpoint()
         for idx in self.linear_layers:
             layer = cache.layers[idx]
@@ -183,14 +183,16 @@ class StateLayout:
                         f"layer {idx} state {state_idx} has not been written yet: a checkpoint needs a forward first"
                     )
                 if layer.is_conv_states_initialized[state_idx]:
-                    checkpoint.conv[(idx, state_idx)] = copy_to(layer.conv_states[state_idx][:1], device)
+                    checkpoint.conv[(idx, state_idx)] = copy_to(layer.conv_states[state_idx][row : row + 1], device)
                 if layer.is_recurrent_states_initialized[state_idx]:
-                    checkpoint.recurrent[(idx, state_idx)] = copy_to(layer.recurrent_states[state_idx][:1], device)
+                    checkpoint.recurrent[(idx, state_idx)] = copy_to(
+                        layer.recurrent_states[state_idx][row : row + 1], device
+                    )
         for idx in self.window_layers:
             layer = cache.layers[idx]
             checkpoint.windows[idx] = (
-                copy_to(layer.keys[:1], device),
-                copy_to(layer.values[:1], device),
+                copy_to(layer.keys[row : row + 1], device),
+                copy_to(layer.values[row : row + 1], device),
                 layer.cumulative_length,
             )
         return checkpoint
@@ -230,3 +232,45 @@ class StateLayout:
             layer.keys = copy_to(keys, devices[idx])
             layer.values = copy_to(values, devices[idx])
             layer.cumulative_length = cumulative_length
+
+    def restore_rows(
+        self,
+        cache: Cache,
+        rows: list[tuple[KVEdge, StateCheckpoint] | None],
+        length: int,
+        devices: dict[int, torch.device],
+    ) -> None:
+        """Write one sequence's states per batch row into the freshly reset layers of a live cache, left-padded to a
+        common ``length`` of cache positions (the caller's attention mask covers the padding).
+
+        ``rows[i]`` holds row ``i``'s KV of all its tokens (at most ``length``) and its fixed-size states after them;
+        None for a row without any token yet (zero states: the same as starting fresh). Sliding-window layers are not
+        supported (their window would have to hold the padding too).
+        """
+        if self.window_layers:
+            raise ValueError("batched restore does not support sliding-window layers")
+        known = [row for row in rows if row is not None]
+        if not known or length <= 0:
+            return
+        edge0, checkpoint0 = known[0]
+        for idx in self.kv_layers:
+            keys, values = [], []
+            for row in rows:
+                row_keys, row_values = row[0].kv[idx] if row is not None else (edge0.kv[idx][0][..., :0, :],) * 2
+                pad = length - row_keys.shape[-2]
+                keys.append(torch.nn.functional.pad(row_keys.to(devices[idx]), (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(row_values.to(devices[idx]), (0, 0, pad, 0)))
+            cache.layers[idx].update(torch.cat(keys), torch.cat(values))
+
+        def stacked(name: str, key: tuple[int, int]) -> torch.Tensor:
+            parts = [getattr(row[1] if row is not None else checkpoint0, name)[key] for row in rows]
+            return torch.cat([p if row is not None else torch.zeros_like(p) for p, row in zip(parts, rows)]).to(
+                devices[key[0]]
+            )
+
+        for idx, state_idx in checkpoint0.conv:
+            cache.layers[idx].update_conv_state(stacked("conv", (idx, state_idx)), state_idx=state_idx)
+        for idx, state_idx in checkpoint0.recurrent:
+            layer = cache.layers[idx]
+            layer.update_recurrent_state(stacked("recurrent", (idx, state_idx)), state_idx=state_idx)
+            layer.has_previous_state[state_idx] = True

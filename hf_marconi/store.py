@@ -190,9 +190,13 @@ class PrefixStore:
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------------- plan
-    def plan(self, input_ids: Sequence[int]) -> RequestPlan:
+    def plan(self, input_ids: Sequence[int], also_branches_at: Sequence[int] = (), count: bool = True) -> RequestPlan:
         """Look up the deepest reusable prefix of ``input_ids`` (at most all but its last token), lock it, count the
         lookup, and choose the positions to checkpoint during prefill.
+
+        ``also_branches_at``: prefix lengths where ``input_ids`` branches off sequences not stored yet (other rows of
+        the same batch), captured as the policy captures the branch point against the stored paths. ``count=False``:
+        a second plan for a request already counted (a batched row's admission after its prompt was planned).
 
         Apart from the lock, planning changes nothing a later request or eviction could see: recency is refreshed at
         :meth:`commit`, so an aborted request leaves every entry exactly as it was. The lookup statistics (lookups,
@@ -211,14 +215,17 @@ class PrefixStore:
                 if node.checkpoint is not None:
                     reused = node
             reuse_len = reused.depth if reused is not None else 0
-            branch = self._branch_point(ids, match)
-            captures = tuple(self.policy.capture_positions(reuse_len, branch, len(ids)))
+            branches = {self._branch_point(ids, match), *(b for b in also_branches_at if reuse_len < b <= limit)}
+            captures = tuple(sorted({
+                p for branch in branches for p in self.policy.capture_positions(reuse_len, branch, len(ids))
+            }))
             if any(not reuse_len < p <= limit for p in captures) or list(captures) != sorted(set(captures)):
                 raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
             receipt = self._tree.lock(reused if reused is not None else self._tree.root)
             self._open[id(receipt)] = receipt
             unresumable = max(0, min(match.matched_len, limit) - reuse_len)
-            self._count_lookup(ids, reused, unresumable)
+            if count:
+                self._count_lookup(ids, reused, unresumable)
             return RequestPlan(
                 input_ids=ids,
                 reuse_len=reuse_len,

@@ -1,0 +1,152 @@
+"""Batched generate with reuse: every row of a left-padded batch restores its own stored prefix, and its tokens equal
+uncached batched generation (and batch-1 generation, which these families match under left padding)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import fresh_cache
+from hf_marconi import MarconiCache
+from hf_marconi.testing import build_model
+
+FAMILIES = ["jamba", "bamba", "qwen3_next"]  # Mamba1 hybrid, Mamba2 hybrid, gated-delta-net hybrid
+PAD = 0
+GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None, return_dict_in_generate=True)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return build_model(request.param, dtype=torch.float64)  # float64: no near-tie decides a token by rounding
+
+
+def _tokens(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, 250) for _ in range(n)]
+
+
+def _batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _generate(model, rows, cache=None, seed=None, **settings):
+    ids, mask = _batch(rows)
+    if seed is not None:
+        torch.manual_seed(seed)
+    keyword = {"past_key_values": cache} if cache is not None else fresh_cache(model)
+    return model.generate(ids, attention_mask=mask, **keyword, **dict(GREEDY, **settings))
+
+
+def _new_tokens(output, rows) -> list[list[int]]:
+    width = max(map(len, rows))
+    return [row[width:].tolist() for row in output.sequences]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("batch_size", [2, 5, 16])
+def test_rows_sharing_and_not_sharing_prefixes_reuse_per_row_and_equal_uncached(model, batch_size):
+    """Few-shot style: most rows share a long prefix (with suffixes of different lengths), some share nothing. The
+    first batch already reuses the shared prefix in every row after the first that holds it; a second batch with new
+    queries reuses it in every such row; each row's tokens equal uncached batched and batch-1 generation."""
+    rng = random.Random(batch_size)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    shots = _tokens(24, rng)
+    for round_index in range(2):
+        sharing = [i % 4 != 3 for i in range(batch_size)]
+        rows = [(shots if share else []) + _tokens(rng.randint(1, 9), rng) for share in sharing]
+        cached = _generate(model, rows, cache)
+        assert torch.equal(cached.sequences, _generate(model, rows).sequences)
+        for row, new in zip(rows, _new_tokens(cached, rows)):
+            single = model.generate(torch.tensor([row]), **fresh_cache(model), **GREEDY)
+            assert single.sequences[0, len(row):].tolist() == new
+        reused = [record.reused_tokens for record in cached.marconi_record.rows]
+        first_sharing = sharing.index(True)
+        for i, share in enumerate(sharing):
+            if share and (round_index == 1 or i > first_sharing):
+                assert reused[i] >= len(shots), (round_index, i, reused)  # more where random suffixes agree
+            elif not share:
+                assert reused[i] == 0
+    assert cache.stats()["bypassed_calls"] == 0
+    cache.check_invariants()
+
+
+@pytest.mark.timeout(600)
+def test_multi_turn_batches_continue_each_row_from_its_own_previous_turn(model):
+    """Each row of the next batch is its previous prompt, its answer and a new message: it restores the end of its own
+    previous turn (an input-output hit), whatever its length relative to the other rows."""
+    rng = random.Random(1)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    rows = [_tokens(n, rng) for n in (3, 11, 7, 15)]
+    for turn in range(3):
+        cached = _generate(model, rows, cache)
+        assert torch.equal(cached.sequences, _generate(model, rows).sequences)
+        if turn:
+            assert all(r.hit_kind == "input_output" for r in cached.marconi_record.rows)
+            assert [r.reused_tokens for r in cached.marconi_record.rows] == [len(row) - 1 - 3 for row in rows]
+        rows = [row + new + _tokens(3, rng) for row, new in zip(rows, _new_tokens(cached, rows))]
+
+
+@pytest.mark.timeout(600)
+def test_seeded_sampling_batches_equal_uncached(model):
+    rng = random.Random(2)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    shared = _tokens(16, rng)
+    sampling = dict(do_sample=True, top_k=0, temperature=1.0)
+    for seed in range(3):
+        rows = [shared + _tokens(rng.randint(1, 6), rng) for _ in range(4)]
+        cached = _generate(model, rows, cache, seed=seed, **sampling)
+        assert torch.equal(cached.sequences, _generate(model, rows, seed=seed, **sampling).sequences)
+    assert cache.stats()["hits"] >= 8
+
+
+@pytest.mark.timeout(600)
+def test_num_return_sequences_restores_the_prompt_once_and_expands_it(model):
+    rng = random.Random(3)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    shared = _tokens(20, rng)
+    sampling = dict(do_sample=True, top_k=0, num_return_sequences=3)
+    for seed in range(3):
+        rows = [shared + _tokens(4, rng), shared + _tokens(2, rng)]
+        cached = _generate(model, rows, cache, seed=seed, **sampling)
+        assert torch.equal(cached.sequences, _generate(model, rows, seed=seed, **sampling).sequences)
+        if seed:
+            assert [r.reused_tokens for r in cached.marconi_record.rows] == [20, 20]
+    stats = cache.stats()
+    assert stats["lookups"] == 6, "one lookup per prompt row, not per returned sequence"
+
+
+@pytest.mark.timeout(600)
+def test_a_row_that_stops_early_admits_only_its_prompt(model):
+    """A row that emits EOS early is fed padding afterwards: its end state belongs to a sequence ending in pads, so
+    only its prompt's entries are stored; the other rows' continuations are admitted."""
+    rng = random.Random(4)
+    rows = [_tokens(n, rng) for n in (6, 9, 12)]
+    reference = _new_tokens(_generate(model, rows), rows)
+    eos = reference[0][1]  # row 0 stops at its 2nd new token (and any row that emits it before its 4th)
+    stopping = [i for i, new in enumerate(reference) if eos in new[:-2]]  # fed padding afterwards
+    settings = dict(eos_token_id=eos, max_new_tokens=5)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    cached = _generate(model, rows, cache, **settings)
+    assert torch.equal(cached.sequences, _generate(model, rows, **settings).sequences)
+    stored_ends = set(cache.store.tree.checkpointed_prefixes())
+    for i, (row, new) in enumerate(zip(rows, _new_tokens(cached, rows))):
+        full_end = tuple(row + new[:-1])
+        assert (full_end in stored_ends) == (i not in stopping), (i, stopping)
+
+
+@pytest.mark.timeout(600)
+def test_rows_in_a_namespace_do_not_reuse_another_namespaces_prefix(model):
+    rng = random.Random(5)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    shared = _tokens(20, rng)
+    rows = [shared + _tokens(3, rng), shared + _tokens(5, rng)]
+    for _ in range(2):
+        _generate(model, rows, cache, cache_salt="tenant-a")
+    other = _generate(model, [shared + _tokens(4, rng)] * 2, cache, cache_salt="tenant-b")
+    first = other.marconi_record.rows[0].reused_tokens
+    assert first == 0, "nothing of tenant-a's is reused by tenant-b"
