@@ -106,7 +106,7 @@ def test_reload_in_a_new_process_hits_and_gives_the_same_output(saved):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["loaded"] == len(manifest["entries"]) > 0
+    assert result["loaded"] == manifest["counts"]["nodes"] > 0
     assert result["hits"] == 1 and result["reused"] == history_fed
     assert result["output"] == expected
 
@@ -116,12 +116,17 @@ def test_manifest_records_version_fingerprint_dtypes_shapes_checksums(saved, bam
     assert read_manifest(path) == manifest
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["fingerprint"] == MarconiCache(bamba, capacity_bytes=CAPACITY).fingerprint
+    assert set(manifest) == {"format", "format_version", "fingerprint", "weights_probe", "layout", "counts", "tensors"}
     tensors = load_file(str(path))
     assert set(tensors) == set(manifest["tensors"])
     for name, tensor in tensors.items():
         facts = manifest["tensors"][name]
-        assert facts["dtype"] == "float32" and facts["shape"] == list(tensor.shape)
+        tree_dtype = "uint8" if name in ("tree.origins", "tree.namespaces") else "int64"
+        assert facts["dtype"] == (tree_dtype if name.startswith("tree.") else "float32")
+        assert facts["shape"] == list(tensor.shape)
         assert facts["sha256"] == hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+    counts = manifest["counts"]
+    assert tensors["tree.offsets"].tolist()[-1] == counts["tokens"] and len(tensors["tree.parents"]) == counts["nodes"]
 
 
 @pytest.mark.parametrize("family", ["lfm2", "mamba2", "qwen3_next", "nemotron_h"])
@@ -139,22 +144,30 @@ def test_round_trip_per_family(family, tmp_path):
     assert out == _uncached(model, prompt)
 
 
-def _rewrite_manifest(source: Path, target: Path, change) -> None:
-    """Edit the manifest and write a file that is consistent apart from the edit (its digest recomputed)."""
-    manifest = read_manifest(source)
+def _rewrite_manifest(source: Path, target: Path, change, change_tensors=lambda tensors: None) -> None:
+    """Edit the tensors (their SHA-256 recomputed) and the manifest, and write a file that is consistent apart from
+    the edit (the manifest's digest recomputed)."""
+    manifest, tensors = read_manifest(source), load_file(str(source))
+    change_tensors(tensors)
+    for name, tensor in tensors.items():
+        manifest["tensors"][name]["sha256"] = hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
     change(manifest)
     text = json.dumps(manifest)
     metadata = {MANIFEST_KEY: text, MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    save_file(load_file(str(source)), str(target), metadata=metadata)
+    save_file(tensors, str(target), metadata=metadata)
 
 
 def _edit_token_in_place(source: Path, target: Path) -> None:
-    """Change one token id of the tree inside the header, keeping the file's structure valid."""
-    data = source.read_bytes()
-    marker = b'\\"key\\":['  # the manifest is a JSON string inside the safetensors header: its quotes are escaped
-    at = data.index(marker) + len(marker)
-    digit = data[at:at + 1]
-    target.write_bytes(data[:at] + (b"4" if digit != b"4" else b"5") + data[at + 1:])
+    """Change one token id of the tree (a byte of the tree.tokens tensor), keeping the file's structure valid."""
+    data = bytearray(source.read_bytes())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    start, _ = json.loads(data[8:8 + header_len])["tree.tokens"]["data_offsets"]
+    data[8 + header_len + start] ^= 0x01
+    target.write_bytes(bytes(data))
+
+
+def _parent_out_of_range(tensors: dict) -> None:
+    tensors["tree.parents"][-1] = 99
 
 
 def _corrupt_tensor_byte(source: Path, target: Path) -> None:
@@ -181,8 +194,9 @@ BAD_FILES = {
         lambda s, t: _rewrite_manifest(s, t, lambda m: next(iter(m["tensors"].values())).update(sha256="0" * 64)),
         "SHA-256",
     ),
-    "tree edited": (lambda s, t: _rewrite_manifest(s, t, lambda m: m["entries"][-1].update(parent=99)), "parent"),
-    "token id edited": (_edit_token_in_place, "manifest .* SHA-256"),
+    "format version 2": (lambda s, t: _rewrite_manifest(s, t, lambda m: m.update(format_version=2)), "version 2"),
+    "tree edited": (lambda s, t: _rewrite_manifest(s, t, lambda m: None, _parent_out_of_range), "parent"),
+    "token id edited": (_edit_token_in_place, "tree.tokens .* SHA-256"),
 }
 
 
@@ -241,6 +255,7 @@ def test_missing_file_and_directory_target(bamba, tmp_path):
 def test_empty_store_round_trips(bamba, tmp_path):
     cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
     manifest = save_cache(cache, tmp_path / "empty.safetensors")
-    assert manifest["entries"] == []
+    assert manifest["counts"] == {"nodes": 0, "tokens": 0, "checkpoints": 0, "namespaces": 0}
     fresh = MarconiCache(bamba, capacity_bytes=CAPACITY)
     assert load_cache(fresh, tmp_path / "empty.safetensors") == 0
+

@@ -74,17 +74,19 @@ def test_states_altered_with_recomputed_checksums_are_refused_under_a_key(model,
         load_cache(_empty_cache(model), saved, key=b"secret")
 
 
+def _must_not_read(*args, **kwargs):
+    raise AssertionError("the loader read tensors of a file it should refuse on size")
+
+
 def test_declared_sizes_beyond_capacity_are_refused_before_any_tensor_is_read(model, saved, monkeypatch):
     def inflate(manifest, tensors):
-        name = next(iter(manifest["tensors"]))
-        manifest["tensors"][name]["shape"] = [1, 1, 10**6, 64]
+        manifest["counts"]["tokens"] = 10**12
+        for name, facts in manifest["tensors"].items():
+            if name.startswith("kv."):
+                facts["shape"] = [10**12 * 32]
 
     _rewrite(saved, inflate, key=b"secret")
-
-    def must_not_read(*args, **kwargs):
-        raise AssertionError("the loader read tensors of a file it should refuse on size")
-
-    monkeypatch.setattr(persistence, "_read_tensors", must_not_read)
+    monkeypatch.setattr(persistence, "_read_entries", _must_not_read)
     with pytest.raises(PersistenceError, match="more than this cache's capacity"):
         load_cache(_empty_cache(model), saved, key=b"secret")
 
@@ -96,17 +98,21 @@ def test_an_unreferenced_tensor_is_refused(model, saved):
         manifest["tensors"]["extra"] = {"dtype": "float32", "shape": [4], "sha256": digest}
 
     _rewrite(saved, add)
-    with pytest.raises(PersistenceError, match="no entry uses"):
+    with pytest.raises(PersistenceError, match="no part of the tree or states uses"):
         load_cache(_empty_cache(model), saved)
 
 
-@pytest.mark.parametrize("damage", ["entries_not_a_list", "entry_not_a_dict", "shape_not_ints", "tensors_missing"])
+@pytest.mark.parametrize(
+    "damage", ["counts_not_a_dict", "count_not_an_int", "count_negative", "shape_not_ints", "tensors_missing"]
+)
 def test_malformed_manifests_raise_persistence_error(model, saved, damage):
     def edit(manifest, tensors):
-        if damage == "entries_not_a_list":
-            manifest["entries"] = {"a": 1}
-        elif damage == "entry_not_a_dict":
-            manifest["entries"][0] = 7
+        if damage == "counts_not_a_dict":
+            manifest["counts"] = [1, 2]
+        elif damage == "count_not_an_int":
+            manifest["counts"]["nodes"] = "3"
+        elif damage == "count_negative":
+            manifest["counts"]["namespaces"] = -1
         elif damage == "shape_not_ints":
             manifest["tensors"][next(iter(manifest["tensors"]))]["shape"] = ["x"]
         else:
@@ -156,36 +162,22 @@ def test_loaded_states_do_not_depend_on_the_file_afterwards(model, saved):
     assert all(torch.equal(old, new) for old, new in zip(before, stored(), strict=True))
 
 
-def test_a_tensor_used_by_several_entries_is_refused(model, saved):
-    def alias(manifest, tensors):
-        first = manifest["entries"][0]
-        twin = json.loads(json.dumps(first))
-        twin["prefix_len"] = first["prefix_len"]
-        manifest["entries"].append(twin)
-
-    _rewrite(saved, alias)
-    with pytest.raises(PersistenceError, match="one tensor in several places"):
-        load_cache(_empty_cache(model), saved)
-
-
 def test_non_finite_numbers_in_the_manifest_are_refused(model, saved):
     def infinite(manifest, tensors):
-        manifest["entries"][0]["last_access"] = float("inf")
+        manifest["counts"]["tokens"] = float("inf")
 
     _rewrite(saved, infinite)
     with pytest.raises(PersistenceError, match="not valid JSON"):
         load_cache(_empty_cache(model), saved)
 
 
-def test_kv_of_another_shape_is_refused_at_load_not_at_the_next_hit(model, saved):
+def test_kv_of_another_shape_or_dtype_is_refused_at_load_not_at_the_next_hit(model, saved):
     def reshape(manifest, tensors):
         for name, facts in manifest["tensors"].items():
-            if ".kv." in name:
-                batch, heads, tokens, dim = facts["shape"]
-                tensors[name] = tensors[name].reshape(batch, heads * 2, tokens, dim // 2).contiguous()
-                facts["shape"] = list(tensors[name].shape)
-                facts["sha256"] = persistence._digest(tensors[name])
+            if name.startswith("kv."):
+                tensors[name] = tensors[name].reshape(2, -1).double()
+                facts.update(dtype="float64", shape=list(tensors[name].shape), sha256=persistence._digest(tensors[name]))
 
     _rewrite(saved, reshape)
-    with pytest.raises(PersistenceError, match="KV of shape"):
+    with pytest.raises(PersistenceError, match="make it float32"):
         load_cache(_empty_cache(model), saved)
