@@ -28,6 +28,8 @@ from hf_marconi.persistence import (
     read_manifest,
     save_cache,
 )
+from hf_marconi.states import KVEdge, map_payload
+from hf_marconi.store import INPUT_OUTPUT, StoredEntry
 from hf_marconi.testing import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +85,8 @@ import json, sys, torch
 torch.set_num_threads(1)
 from hf_marconi import MarconiCache
 from hf_marconi.persistence import load_cache
+from hf_marconi.states import KVEdge, map_payload
+from hf_marconi.store import INPUT_OUTPUT, StoredEntry
 from hf_marconi.testing import build_model
 path, prompt = sys.argv[1], json.loads(sys.argv[2])
 model = build_model("bamba")
@@ -259,3 +263,58 @@ def test_empty_store_round_trips(bamba, tmp_path):
     fresh = MarconiCache(bamba, capacity_bytes=CAPACITY)
     assert load_cache(fresh, tmp_path / "empty.safetensors") == 0
 
+
+def test_a_salted_cache_round_trips(bamba, tmp_path):
+    """CacheSalt keys lie far above 2**63: they are saved as a namespace table and 32-bit token ids and come back
+    exactly, so a tenant's prompt hits its own stored prefix after loading."""
+    cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    rng = random.Random(5)
+    shared = _tokens(8, rng)
+    history = {name: _generate(bamba, shared + _tokens(12, rng), past_key_values=cache, cache_salt=name,
+                               cache_salt_from=8) for name in ("alice", "bob")}
+    manifest = save_cache(cache, tmp_path / "salted.safetensors")
+    assert manifest["counts"]["namespaces"] == 2
+    reloaded = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    load_cache(reloaded, tmp_path / "salted.safetensors")
+    stored = [(e.key, e.parent, e.origin) for e in reloaded.store.entries()]
+    assert stored == [(e.key, e.parent, e.origin) for e in cache.store.entries()]
+    assert max(max(key) for key, _, _ in stored) > 2**256
+    prompt = history["alice"] + [11, 12]
+    out = _generate(bamba, prompt, past_key_values=reloaded, cache_salt="alice", cache_salt_from=8)
+    assert reloaded.last_call.reused == len(history["alice"]) - 1
+    assert out == _uncached(bamba, prompt)
+
+
+def _chain(model, nodes: int, tokens_per_node: int) -> MarconiCache:
+    """A cache whose store is a chain of ``nodes`` edges of random tokens, each with a copy of a real checkpoint:
+    loaded straight into the store, so that a model without attention (no KV per token) holds many tokens cheaply."""
+    rng = random.Random(nodes)
+    scratch = MarconiCache(model, capacity_bytes=CAPACITY)
+    _generate(model, _tokens(6, rng), past_key_values=scratch)
+    template = scratch.store.entries()[0].checkpoint
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    entries = [
+        StoredEntry((i + 1) * tokens_per_node, tuple(_tokens(tokens_per_node, rng)), i - 1,
+                    KVEdge(tokens_per_node, {}), map_payload(template, torch.clone), INPUT_OUTPUT, i)
+        for i in range(nodes)
+    ]
+    cache.store.load_entries(entries)
+    return cache
+
+
+def test_the_header_does_not_grow_with_stored_tokens(tmp_path):
+    """The tree is stored as tensors: 10 tokens in one node and 200k tokens in 20 nodes give headers that differ only
+    by the digits of the counts and shapes (version 2 wrote every token id into the header, capped at 100 MB)."""
+    model = build_model("mamba2")
+    header_bytes = {}
+    for nodes, tokens_per_node in ((1, 10), (20, 10_000)):
+        cache = _chain(model, nodes, tokens_per_node)
+        path = tmp_path / f"{nodes}.safetensors"
+        save_cache(cache, path)
+        with open(path, "rb") as handle:
+            (header_bytes[nodes],) = struct.unpack("<Q", handle.read(8))
+        reloaded = MarconiCache(model, capacity_bytes=CAPACITY)
+        assert load_cache(reloaded, path) == nodes
+        assert [e.key for e in reloaded.store.entries()] == [e.key for e in cache.store.entries()]
+    assert sum(len(e.key) for e in reloaded.store.entries()) == 200_000
+    assert abs(header_bytes[20] - header_bytes[1]) < 1024, header_bytes
