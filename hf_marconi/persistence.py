@@ -13,7 +13,8 @@ children), T tokens, C checkpoints and K key namespaces:
 - ``kv.{layer}.keys`` / ``kv.{layer}.values`` [T * heads * head_dim]: every node's ``[1, heads, n, head_dim]`` edge
   tensor, flattened, in node order (node i's part starts at ``offsets[i] * heads * head_dim``);
 - ``ckpt.{name}`` [C, *shape]: the checkpoints of the nodes with an origin, in node order, one tensor per state
-  tensor name; ``ckpt.window_lengths`` int64 [C, window layers] when the model has sliding-window layers.
+  tensor name; ``tree.window_lengths`` int64 [C, window layers]: each checkpoint's sliding-window lengths (only for
+  models with sliding-window layers).
 
 The header metadata holds a JSON manifest under ``"hf_marconi"`` with only fixed-size facts: format and version,
 config fingerprint, weights probe, state layout, the counts N, T, C, K, and per tensor its dtype, shape and SHA-256;
