@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, path: Path) -> None:
             print(f"turn: prompt {len(chat.last_prompt_ids)} tokens, {pipe.cache.last_call.reused} restored")
         manifest = save_cache(pipe.cache, path)
         conversation_file(path).write_text(json.dumps({"messages": chat.messages, "token_ids": chat.token_ids}))
-        print(f"saved {len(manifest['entries'])} entries, {path.stat().st_size / 1024:.1f} KiB, to {path}")
+        print(f"saved {manifest['counts']['nodes']} entries, {path.stat().st_size / 1024:.1f} KiB, to {path}")
     saved = json.loads(conversation_file(path).read_text())
     cache = MarconiCache(model, capacity_bytes=capacity)
     loaded = load_cache(cache, path)

@@ -1,16 +1,32 @@
 """Saving a MarconiCache's stored states to disk and loading them back, without pickle.
 
-One file: a safetensors file holding every stored tensor, whose header metadata carries a JSON manifest under the
-key ``"hf_marconi"``: the format name and version, the model config fingerprint, the cache's state layout and sizes,
-the tree (every node's tokens, parent, origin, recency, and the names of its tensors), and per tensor its dtype,
-shape and the SHA-256 of its bytes; the manifest's own SHA-256 sits beside it (key ``"hf_marconi_sha256"``), so a
-damaged token id in the tree is caught as surely as a damaged tensor.
+One safetensors file (format version 3). The tree and the states are tensors, so the file's header has the same
+size however many tokens and nodes are stored (safetensors caps a header at 100 MB). With N nodes (parents before
+children), T tokens, C checkpoints and K key namespaces:
+
+- ``tree.offsets`` int64 [N + 1]: node i's tokens are ``tree.tokens[offsets[i]:offsets[i + 1]]``;
+- ``tree.tokens`` int64 [T]: each key as ``namespace << 32 | token id``, where namespace 0 is the shared space and
+  namespace j >= 1 is row j - 1 of ``tree.namespaces`` uint8 [K, 33] (the big-endian ``key >> 32`` of a
+  :class:`~hf_marconi.generation.CacheSalt` key, which is too large for int64);
+- ``tree.parents`` int64 [N] (-1 for the root), ``tree.origins`` uint8 [N] (0: no checkpoint, 1: purely input,
+  2: input and output), ``tree.last_access`` int64 [N];
+- ``kv.{layer}.keys`` / ``kv.{layer}.values`` [T * heads * head_dim]: every node's ``[1, heads, n, head_dim]`` edge
+  tensor, flattened, in node order (node i's part starts at ``offsets[i] * heads * head_dim``);
+- ``ckpt.{name}`` [C, *shape]: the checkpoints of the nodes with an origin, in node order, one tensor per state
+  tensor name; ``tree.window_lengths`` int64 [C, window layers]: each checkpoint's sliding-window lengths (only for
+  models with sliding-window layers).
+
+The header metadata holds a JSON manifest under ``"hf_marconi"`` with only fixed-size facts: format and version,
+config fingerprint, weights probe, state layout, the counts N, T, C, K, and per tensor its dtype, shape and SHA-256;
+the manifest's own SHA-256 sits beside it (``"hf_marconi_sha256"``), so a damaged token id is caught as surely as a
+damaged state, and an optional HMAC of the manifest (``"hf_marconi_hmac"``) authenticates the whole file.
 
 Saving writes a temporary file next to the target and renames it over the target, so an exception while saving
-leaves either the old file or none, never a half-written one, and the store is only read. Loading checks
-everything (format, version, fingerprint, layout, sizes, every tensor's dtype, shape and checksum, the tree's
-structure) before a single entry enters the store: a file for another model or config, or a corrupted or truncated
-file, raises :class:`PersistenceError` and loads nothing.
+leaves either the old file or none, never a half-written one, and the store is only read. Loading treats the file as
+input from outside: the counts, and from them every tensor's dtype and shape, are checked against this cache's layout
+and capacity before any tensor is read; the tree (offsets, parents, origins, token ids, namespaces) is checked
+before any state is copied; every tensor's bytes are hashed as they are copied out of the file. A file for another
+model or config, or a malformed, corrupted or truncated file, raises :class:`PersistenceError` and loads nothing.
 
 ::
 
@@ -24,40 +40,48 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .cache import MarconiCache, StateShapes
-from .states import KVEdge, StateCheckpoint
-from .store import StoredEntry
+from .cache import MarconiCache
+from .states import DeviceSpec, KVEdge, StateCheckpoint
+from .store import INPUT_OUTPUT, PURELY_INPUT, StoredEntry
 
 FORMAT_NAME = "hf_marconi.prefix_store"
 # 2: the config fingerprint leaves out where the model was loaded from (keys starting with _).
-FORMAT_VERSION = 2
+# 3: the tree is stored as tensors; the manifest holds only fixed-size facts (no header cap on stored tokens).
+FORMAT_VERSION = 3
 MANIFEST_KEY = "hf_marconi"
-MANIFEST_DIGEST_KEY = "hf_marconi_sha256"  # SHA-256 of the manifest text: the tree's tokens are covered too
+MANIFEST_DIGEST_KEY = "hf_marconi_sha256"  # SHA-256 of the manifest text, which holds every tensor's SHA-256
 MANIFEST_HMAC_KEY = "hf_marconi_hmac"  # HMAC-SHA256 of the manifest text under the caller's key, when one is given
-_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-                "int64": 8, "int32": 4, "uint8": 1}
+COUNTS = ("nodes", "tokens", "checkpoints", "namespaces")
+ORIGINS = (None, PURELY_INPUT, INPUT_OUTPUT)  # the codes of tree.origins
+NAMESPACE_BYTES = 33  # a CacheSalt namespace (a SHA-256 digest + 1) needs up to 257 bits
+_TOKEN_BITS = 32  # token ids are below 2**32; CacheSalt keys add their namespace above them
+_TOKEN_MASK = (1 << _TOKEN_BITS) - 1
 
 
 class PersistenceError(ValueError):
     """A saved cache cannot be loaded (other model, other format, corrupted or truncated file); nothing was loaded."""
 
 
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (any dtype) in memory order, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
 def _digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes in memory order (any dtype), hashed from the tensor's own memory (no copy of a
-    contiguous CPU tensor)."""
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(memoryview(flat.numpy())).hexdigest()
+    """SHA-256 of a tensor's bytes in memory order (no copy of a contiguous CPU tensor)."""
+    return hashlib.sha256(_bytes_of(tensor.detach().contiguous())).hexdigest()
 
 
 def _reject_constant(name: str) -> Any:
@@ -94,6 +118,27 @@ def _layout_record(cache: MarconiCache) -> dict[str, Any]:
     }
 
 
+def _expected_tensors(cache: MarconiCache, counts: dict[str, int]) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """Every tensor of a file holding ``counts`` (see the module docstring) for this cache: name -> (dtype, shape)."""
+    nodes, tokens, checkpoints = counts["nodes"], counts["tokens"], counts["checkpoints"]
+    table = {
+        "tree.offsets": (torch.int64, [nodes + 1]),
+        "tree.tokens": (torch.int64, [tokens]),
+        "tree.namespaces": (torch.uint8, [counts["namespaces"], NAMESPACE_BYTES]),
+        "tree.parents": (torch.int64, [nodes]),
+        "tree.origins": (torch.uint8, [nodes]),
+        "tree.last_access": (torch.int64, [nodes]),
+    }
+    if cache.layout.window_layers:
+        table["tree.window_lengths"] = (torch.int64, [checkpoints, len(cache.layout.window_layers)])
+    for layer, (heads, head_dim, dtype) in cache.state_shapes.kv.items():
+        for part in ("keys", "values"):
+            table[f"kv.{layer}.{part}"] = (dtype, [tokens * heads * head_dim])
+    for name, (shape, dtype) in cache.state_shapes.checkpoint.items():
+        table[f"ckpt.{name}"] = (dtype, [checkpoints, *shape])
+    return table
+
+
 # ---------------------------------------------------------------------------------------------------------- save
 def save_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | None = None) -> dict[str, Any]:
     """Write every stored entry of ``cache`` to ``path`` atomically; returns the manifest written.
@@ -107,15 +152,14 @@ def save_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
     if target.is_dir():
         raise PersistenceError(f"{target} is a directory; pass a file path such as {target / 'cache.safetensors'}")
     entries = cache.store.entries()  # one consistent set, under the store's lock; payloads are never written in place
-    tensors: dict[str, torch.Tensor] = {}
-    records = [_entry_record(i, entry, tensors) for i, entry in enumerate(entries)]
+    counts, tensors = _tensors_of(entries, cache)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "fingerprint": cache.fingerprint,
         "weights_probe": weights_probe(cache.model),
         "layout": _layout_record(cache),
-        "entries": records,
+        "counts": counts,
         "tensors": {
             name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": _digest(t)}
             for name, t in tensors.items()
@@ -125,42 +169,83 @@ def save_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
     return manifest
 
 
-def _entry_record(index: int, entry: StoredEntry, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The manifest record of one entry; adds its tensors (contiguous CPU copies) to ``tensors``."""
-    edge = entry.edge
+def _tensors_of(entries: list[StoredEntry], cache: MarconiCache) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """The counts and the tensors (CPU copies) of a file holding ``entries``."""
+    shapes = cache.state_shapes
+    for index, entry in enumerate(entries):
+        _check_saveable(index, entry, cache)
+    tokens, namespaces = _encode_keys(entries)
+    checkpoints = [entry.checkpoint for entry in entries if entry.checkpoint is not None]
+    counts = {"nodes": len(entries), "tokens": len(tokens), "checkpoints": len(checkpoints),
+              "namespaces": len(namespaces)}
+    offsets = [0, *itertools.accumulate(len(entry.key) for entry in entries)]
+    tensors = {
+        "tree.offsets": torch.tensor(offsets, dtype=torch.int64),
+        "tree.tokens": tokens,
+        "tree.namespaces": namespaces,
+        "tree.parents": torch.tensor([entry.parent for entry in entries], dtype=torch.int64),
+        "tree.origins": torch.tensor([ORIGINS.index(entry.origin) for entry in entries], dtype=torch.uint8),
+        "tree.last_access": torch.tensor([entry.last_access for entry in entries], dtype=torch.int64),
+    }
+    for name, (dtype, shape) in _expected_tensors(cache, counts).items():
+        if name not in tensors:  # the states, filled below
+            tensors[name] = torch.empty(shape, dtype=dtype)
+    for entry, start, end in zip(entries, offsets, offsets[1:]):
+        for layer, pair in entry.edge.kv.items():
+            heads, head_dim, _ = shapes.kv[layer]
+            for part, tensor in zip(("keys", "values"), pair):
+                span = tensors[f"kv.{layer}.{part}"][start * heads * head_dim:end * heads * head_dim]
+                span.view_as(tensor).copy_(tensor)
+    windows = cache.layout.window_layers
+    for row, checkpoint in enumerate(checkpoints):
+        for name, tensor in checkpoint.tensors().items():
+            tensors[f"ckpt.{name}"][row].copy_(tensor)
+        if windows:
+            tensors["tree.window_lengths"][row] = torch.tensor([checkpoint.windows[i][2] for i in windows])
+    return counts, tensors
+
+
+def _check_saveable(index: int, entry: StoredEntry, cache: MarconiCache) -> None:
+    """An entry holds real states of exactly this cache's layers, shapes and dtypes (what the file's layout assumes)."""
+    edge, checkpoint, shapes = entry.edge, entry.checkpoint, cache.state_shapes
     if not isinstance(edge, KVEdge):
         raise PersistenceError(
             f"entry {index} holds a {type(edge).__name__} edge; only real KVEdge states can be saved"
         )
-    edge_names = {}
-    for layer, (keys, values) in edge.kv.items():
-        for part, tensor in (("keys", keys), ("values", values)):
-            name = f"entry{index}.kv.{layer}.{part}"
-            tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
-            edge_names[f"{layer}.{part}"] = name
-    record: dict[str, Any] = {
-        "prefix_len": entry.prefix_len,
-        "key": list(entry.key),
-        "parent": entry.parent,
-        "origin": entry.origin,
-        "last_access": entry.last_access,
-        "edge": {"num_tokens": edge.num_tokens, "tensors": edge_names},
-        "checkpoint": None,
-    }
-    checkpoint = entry.checkpoint
-    if checkpoint is not None:
-        if not isinstance(checkpoint, StateCheckpoint):
-            raise PersistenceError(f"entry {index} holds a {type(checkpoint).__name__} checkpoint; cannot save it")
-        names = {}
-        for flat, tensor in checkpoint.tensors().items():
-            name = f"entry{index}.ckpt.{flat}"
-            tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
-            names[flat] = name
-        record["checkpoint"] = {
-            "tensors": names,
-            "window_lengths": {str(i): n for i, (_, _, n) in checkpoint.windows.items()},
-        }
-    return record
+    if set(edge.kv) != set(shapes.kv) or any(
+        (*tensor.shape, tensor.dtype) != (1, heads, len(entry.key), head_dim, dtype)
+        for layer, (heads, head_dim, dtype) in shapes.kv.items() for tensor in edge.kv[layer]
+    ):
+        raise PersistenceError(f"entry {index} holds KV whose layers, shapes or dtypes are not this cache's")
+    if checkpoint is not None and (
+        not isinstance(checkpoint, StateCheckpoint)
+        or {name: (tuple(t.shape), t.dtype) for name, t in checkpoint.tensors().items()} != shapes.checkpoint
+    ):
+        raise PersistenceError(f"entry {index} holds a checkpoint whose tensors (names, shapes, dtypes) are not this "
+                               "cache's")
+
+
+def _encode_keys(entries: list[StoredEntry]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tree.tokens`` and ``tree.namespaces``: a key below 2**32 is stored as is, a larger one (a CacheSalt key) as
+    ``j << 32 | key & 0xFFFFFFFF`` with ``key >> 32`` in row j - 1 of the namespace table."""
+    spaces: dict[int, int] = {}  # namespace -> j
+    codes: list[int] = []
+    for index, entry in enumerate(entries):
+        key = entry.key
+        if 0 <= min(key) and max(key) <= _TOKEN_MASK:
+            codes.extend(key)
+            continue
+        for token in key:
+            space = token >> _TOKEN_BITS
+            if token < 0 or space.bit_length() > 8 * NAMESPACE_BYTES:
+                raise PersistenceError(
+                    f"entry {index} has key {token}, which is neither a token id nor a CacheSalt key"
+                )
+            j = spaces.setdefault(space, len(spaces) + 1) if space else 0
+            codes.append(j << _TOKEN_BITS | token & _TOKEN_MASK)
+    table = [list(space.to_bytes(NAMESPACE_BYTES, "big")) for space in spaces]
+    return (torch.tensor(codes, dtype=torch.int64),
+            torch.tensor(table, dtype=torch.uint8).reshape(len(table), NAMESPACE_BYTES))
 
 
 def _write_atomically(target: Path, tensors: dict[str, torch.Tensor], manifest: str, key: bytes | None) -> None:
@@ -182,7 +267,7 @@ def _write_atomically(target: Path, tensors: dict[str, torch.Tensor], manifest: 
 
 # ---------------------------------------------------------------------------------------------------------- load
 def read_manifest(path: str | os.PathLike[str], key: bytes | None = None) -> dict[str, Any]:
-    """The JSON manifest of a saved cache (format, fingerprint, layout, entries, tensor dtypes/shapes/checksums),
+    """The JSON manifest of a saved cache (format, fingerprint, layout, counts, tensor dtypes/shapes/checksums),
     authenticated with ``key`` when one is given. Anything malformed raises :class:`PersistenceError`."""
     try:
         mode = os.stat(path).st_mode
@@ -230,9 +315,9 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
     """Load the entries saved at ``path`` into ``cache``, whose store must be empty; returns the number of entries.
 
     Raises :class:`PersistenceError` (nothing loaded) when the file was saved for another model or config, is not
-    authenticated by ``key`` (when given), declares more tensor bytes than the cache holds or tensors no entry uses,
-    or is malformed, corrupted or truncated. Sizes and references are checked from the manifest before any tensor is
-    read.
+    authenticated by ``key`` (when given), declares more state bytes than the cache holds, or tensors its counts and
+    this cache's layout do not make, or is malformed, corrupted or truncated. Counts, dtypes and shapes are checked
+    from the manifest before any tensor is read, and the tree before any state is copied.
     """
     manifest = read_manifest(path, key)
     if manifest.get("fingerprint") != cache.fingerprint:
@@ -250,22 +335,8 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
             f"{path} was saved for a model with other weights (weights probe {manifest.get('weights_probe')!r}, this "
             f"model's is {weights_probe(cache.model)!r}): stored states only fit the weights they came from"
         )
-    _check_declared_tensors(path, manifest, cache.store.capacity_bytes)
-    tensors = _read_tensors(path, manifest["tensors"])
-    devices = cache.layer_devices
-    storage = cache.storage_device
-    try:
-        entries = [_entry_from_record(record, tensors, devices, storage) for record in manifest["entries"]]
-    except (KeyError, TypeError, ValueError, OverflowError) as error:
-        raise PersistenceError(f"the manifest of {path} describes an invalid entry: {error!r}") from None
-    sizes = cache.sizes
-    for entry in entries:
-        _check_entry_shapes(path, entry, cache.state_shapes)
-        checkpoint_bytes = entry.checkpoint.nbytes if entry.checkpoint is not None else sizes.checkpoint_bytes
-        if entry.edge.nbytes != len(entry.key) * sizes.kv_bytes_per_token or checkpoint_bytes != sizes.checkpoint_bytes:
-            raise PersistenceError(
-                f"the entry of prefix_len {entry.prefix_len} in {path} does not have this model's state sizes {sizes}"
-            )
+    counts = _check_declared_tensors(path, manifest, cache)
+    entries = _read_entries(path, manifest["tensors"], counts, cache)
     with cache.store.lock:
         if cache.store.nbytes or cache.store.tree.root.children:
             raise PersistenceError(
@@ -283,133 +354,165 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
     return len(entries)
 
 
-def _check_entry_shapes(path: str | os.PathLike[str], entry: StoredEntry, shapes: "StateShapes") -> None:
-    """An entry's tensors have exactly this cache's layers, shapes and dtypes (else a hit would fail, or compute
-    garbage, long after loading)."""
-    edge, checkpoint = entry.edge, entry.checkpoint
-    if set(edge.kv) != set(shapes.kv):
-        raise PersistenceError(f"the entry of prefix_len {entry.prefix_len} in {path} has KV of layers "
-                               f"{sorted(edge.kv)}, this cache has {sorted(shapes.kv)}")
-    for layer, (keys, values) in edge.kv.items():
-        heads, head_dim, dtype = shapes.kv[layer]
-        for tensor in (keys, values):
-            if (tensor.dim() != 4 or (tensor.shape[0], tensor.shape[1], tensor.shape[3]) != (1, heads, head_dim)
-                    or tensor.dtype != dtype):
-                raise PersistenceError(f"the entry of prefix_len {entry.prefix_len} in {path} has layer {layer} KV "
-                                       f"of shape {list(tensor.shape)} {tensor.dtype}, this cache [1, {heads}, n, "
-                                       f"{head_dim}] {dtype}")
-    if checkpoint is not None:
-        found = {name: (tuple(t.shape), t.dtype) for name, t in checkpoint.tensors().items()}
-        if found != shapes.checkpoint:
-            raise PersistenceError(f"the checkpoint of prefix_len {entry.prefix_len} in {path} does not have this "
-                                   "cache's state tensors (names, shapes, dtypes)")
-
-
-def _check_declared_tensors(path: str | os.PathLike[str], manifest: dict[str, Any], capacity_bytes: int) -> None:
-    """Before reading any tensor: the manifest's tensor table is well formed, every tensor is used by an entry, and
-    their bytes together fit the cache's capacity (a hostile file cannot make the loader allocate more)."""
-    declared, entries = manifest.get("tensors"), manifest.get("entries")
-    if not isinstance(declared, dict) or not isinstance(entries, list):
-        raise PersistenceError(f"the manifest of {path} lacks its tensor table or entry list")
-    total = 0
-    for name, facts in declared.items():
-        shape = facts.get("shape") if isinstance(facts, dict) else None
-        dtype = facts.get("dtype") if isinstance(facts, dict) else None
-        if (dtype not in _DTYPE_BYTES or not isinstance(shape, list)
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-                or not isinstance(facts.get("sha256"), str)):
-            raise PersistenceError(f"the manifest of {path} describes tensor {name!r} malformedly: {facts!r:.200}")
-        count = 1
-        for n in shape:
-            count *= n
-        total += count * _DTYPE_BYTES[dtype]
-    if total > capacity_bytes:
+def _check_declared_tensors(
+    path: str | os.PathLike[str], manifest: dict[str, Any], cache: MarconiCache
+) -> dict[str, int]:
+    """Before reading any tensor: the counts are well formed and their states fit the cache's capacity, and the tensor
+    table is exactly what the counts and this cache's layout make it (no tensor missing or unused, each with its
+    dtype and shape), so a hostile file cannot make the loader allocate more. Returns the counts."""
+    counts, declared = manifest.get("counts"), manifest.get("tensors")
+    if (not isinstance(declared, dict) or not isinstance(counts, dict) or set(counts) != set(COUNTS)
+            or not all(type(counts[name]) is int and counts[name] >= 0 for name in COUNTS)):
+        raise PersistenceError(f"the manifest of {path} lacks its tensor table or its counts {COUNTS} "
+                               f"(non-negative ints): {counts!r:.200}")
+    if not counts["checkpoints"] <= counts["nodes"] <= counts["tokens"] or counts["namespaces"] > counts["tokens"]:
+        raise PersistenceError(f"the counts of {path} are inconsistent ({counts}): every node holds at least one token "
+                               "and at most one checkpoint, every namespace at least one token")
+    sizes, capacity = cache.sizes, cache.store.capacity_bytes
+    total = counts["tokens"] * sizes.kv_bytes_per_token + counts["checkpoints"] * sizes.checkpoint_bytes
+    if total > capacity:
         raise PersistenceError(
-            f"{path} declares {total} bytes of tensors, more than this cache's capacity ({capacity_bytes} bytes): "
+            f"{path} declares {total} bytes of states, more than this cache's capacity ({capacity} bytes): "
             "refusing to read them"
         )
-    used: list[str] = []
-    try:
-        for record in entries:
-            used.extend(record["edge"]["tensors"].values())
-            if record.get("checkpoint") is not None:
-                used.extend(record["checkpoint"]["tensors"].values())
-    except (AttributeError, KeyError, TypeError) as error:
-        raise PersistenceError(f"the manifest of {path} describes an invalid entry: {error!r}") from None
-    if len(used) != len(set(used)):
-        raise PersistenceError(f"{path} uses one tensor in several places; each stored tensor belongs to one entry")
-    if set(declared) != set(used):
-        unused, missing = sorted(set(declared) - set(used))[:5], sorted(set(used) - set(declared))[:5]
-        raise PersistenceError(f"{path} declares tensors no entry uses ({unused}) or misses some ({missing})")
+    expected = _expected_tensors(cache, counts)
+    if set(declared) != set(expected):
+        unused, missing = sorted(set(declared) - set(expected))[:5], sorted(set(expected) - set(declared))[:5]
+        raise PersistenceError(f"{path} declares tensors that no part of the tree or states uses ({unused}) or misses "
+                               f"some ({missing})")
+    for name, (dtype, shape) in expected.items():
+        facts = declared[name]
+        if (not isinstance(facts, dict) or facts.get("dtype") != _dtype_name(dtype) or facts.get("shape") != shape
+                or not isinstance(facts.get("sha256"), str)):
+            raise PersistenceError(f"the manifest of {path} describes tensor {name!r} as {facts!r:.200}; its counts "
+                                   f"and this cache's layout make it {_dtype_name(dtype)} {shape}")
+    return counts
 
 
-def _read_tensors(path: str | os.PathLike[str], expected: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, checked against the manifest's dtype, shape and SHA-256."""
-    tensors = {}
+def _read_entries(
+    path: str | os.PathLike[str], declared: dict[str, dict[str, Any]], counts: dict[str, int], cache: MarconiCache
+) -> list[StoredEntry]:
+    """The file's entries, placed where this cache keeps states. Every tensor is checked against the manifest's dtype,
+    shape and SHA-256, and the tree before any state is copied."""
     try:
         with safe_open(str(path), framework="pt") as reader:
-            names = set(reader.keys())
-            if names != set(expected):
-                raise PersistenceError(
-                    f"{path} holds tensors {sorted(names ^ set(expected))[:5]} that differ from its manifest"
-                )
-            for name, facts in expected.items():
-                # An own copy: a tensor read from the file stays mapped from it, so writing or truncating the file later
-                # would change (or crash) stored states that passed the checks below.
-                tensor = reader.get_tensor(name).clone()
+            differing = sorted(set(reader.keys()) ^ set(declared))[:5]
+            if differing:
+                raise PersistenceError(f"{path} holds tensors {differing} that differ from its manifest")
+            mapped = {name: reader.get_tensor(name) for name in declared}  # views of the file, nothing copied yet
+            for name, tensor in mapped.items():
+                facts = declared[name]
                 if _dtype_name(tensor.dtype) != facts["dtype"] or list(tensor.shape) != facts["shape"]:
                     raise PersistenceError(
                         f"tensor {name} of {path} is {_dtype_name(tensor.dtype)} {list(tensor.shape)}, its manifest "
                         f"says {facts['dtype']} {facts['shape']}"
                     )
-                if _digest(tensor) != facts["sha256"]:
-                    raise PersistenceError(f"tensor {name} of {path} fails its SHA-256 check: the file is corrupted")
-                tensors[name] = tensor
+
+            def copied(name: str, bounds: Sequence[int], device: DeviceSpec) -> list[torch.Tensor]:
+                return _copy_checked(path, name, mapped[name], declared[name]["sha256"], bounds, device)
+
+            tree = {name: copied(name, [0, len(t)], "cpu")[0] for name, t in mapped.items() if name.startswith("tree.")}
+            bounds, keys = _decode_tree(path, tree, counts, cache.vocab_size)
+            devices, storage = cache.layer_devices, cache.storage_device
+
+            def device(layer: int) -> DeviceSpec:
+                return storage if storage is not None else devices[layer]
+
+            kv = {}
+            for layer, (heads, head_dim, _) in cache.state_shapes.kv.items():
+                scaled = [bound * heads * head_dim for bound in bounds]
+                kv[layer] = [
+                    [piece.view(1, heads, -1, head_dim) for piece in copied(name, scaled, device(layer))]
+                    for name in (f"kv.{layer}.keys", f"kv.{layer}.values")
+                ]
+            rows = range(counts["checkpoints"] + 1)
+            states = {
+                name: [piece.view(shape) for piece in copied(f"ckpt.{name}", rows, device(int(name.split(".")[1])))]
+                for name, (shape, _) in cache.state_shapes.checkpoint.items()
+            }
     except (SafetensorError, OSError) as error:
         raise PersistenceError(f"{path} cannot be read (corrupted or truncated?): {error}") from None
-    return tensors
+    lengths = tree["tree.window_lengths"].tolist() if "tree.window_lengths" in tree else [[]] * counts["checkpoints"]
+    parents, origins, clock = (tree[name].tolist() for name in ("tree.parents", "tree.origins", "tree.last_access"))
+    entries: list[StoredEntry] = []
+    row = 0
+    for index, key in enumerate(keys):
+        parent = parents[index]
+        checkpoint = None
+        if origins[index]:
+            windows = dict(zip(cache.layout.window_layers, lengths[row]))
+            checkpoint = _checkpoint_of({name: pieces[row] for name, pieces in states.items()}, windows)
+            row += 1
+        edge = KVEdge(len(key), {layer: (pair[0][index], pair[1][index]) for layer, pair in kv.items()})
+        prefix_len = (entries[parent].prefix_len if parent >= 0 else 0) + len(key)
+        entries.append(StoredEntry(prefix_len, key, parent, edge, checkpoint, ORIGINS[origins[index]], clock[index]))
+    return entries
 
 
-def _entry_from_record(
-    record: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
-    devices: dict[int, torch.device],
-    storage: Any,
-) -> StoredEntry:
-    def placed(name: str, layer: int) -> torch.Tensor:
-        return tensors[name].to(storage if storage is not None else devices[layer])
+def _copy_checked(
+    path: str | os.PathLike[str], name: str, mapped: torch.Tensor, sha256: str, bounds: Sequence[int],
+    device: DeviceSpec,
+) -> list[torch.Tensor]:
+    """Own copies of ``mapped[a:b]`` for consecutive ``bounds`` (which tile its first dimension), on ``device``; their
+    bytes, hashed as they are copied, must have the SHA-256 ``sha256``.
 
-    edge_names = record["edge"]["tensors"]
-    kv = {}
-    for label in edge_names:
-        layer = int(label.split(".")[0])
-        kv[layer] = (placed(edge_names[f"{layer}.keys"], layer), placed(edge_names[f"{layer}.values"], layer))
-    edge = KVEdge(int(record["edge"]["num_tokens"]), kv)
-    for keys, values in kv.values():
-        if keys.shape[-2] != edge.num_tokens or values.shape[-2] != edge.num_tokens:
-            raise ValueError(f"edge tensors of prefix_len {record['prefix_len']} do not hold {edge.num_tokens} tokens")
-    checkpoint = None
-    if record["checkpoint"] is not None:
-        names = record["checkpoint"]["tensors"]
-        lengths = record["checkpoint"]["window_lengths"]
-        checkpoint = StateCheckpoint()
-        for flat, name in names.items():
-            kind, layer, part = flat.split(".")
-            if kind == "conv":
-                checkpoint.conv[(int(layer), int(part))] = placed(name, int(layer))
-            elif kind == "recurrent":
-                checkpoint.recurrent[(int(layer), int(part))] = placed(name, int(layer))
-            elif kind == "window" and part == "keys":
-                values = placed(names[f"window.{layer}.values"], int(layer))
-                checkpoint.windows[int(layer)] = (placed(name, int(layer)), values, int(lengths[layer]))
-            elif kind != "window":
-                raise ValueError(f"unknown checkpoint tensor {flat!r}")
-    return StoredEntry(
-        prefix_len=int(record["prefix_len"]),
-        key=tuple(int(t) for t in record["key"]),
-        parent=int(record["parent"]),
-        edge=edge,
-        checkpoint=checkpoint,
-        origin=record["origin"],
-        last_access=int(record["last_access"]),
-    )
+    Copies, because a tensor read from the file stays mapped from it: writing or truncating the file later would
+    change (or crash) stored states that passed the checks."""
+    digest = hashlib.sha256()
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):
+        piece = mapped[start:end].clone()
+        digest.update(_bytes_of(piece))
+        pieces.append(piece.to(device))
+    if digest.hexdigest() != sha256:
+        raise PersistenceError(f"tensor {name} of {path} fails its SHA-256 check: the file is corrupted")
+    return pieces
+
+
+def _decode_tree(
+    path: str | os.PathLike[str], tree: dict[str, torch.Tensor], counts: dict[str, int], vocab_size: int
+) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Check the tree tensors (offsets, parents, origins, clock, window lengths, token ids, namespaces); returns the
+    token offsets and every node's key. The store checks the rest when it builds the tree (prefix lengths, siblings,
+    which nodes need a checkpoint)."""
+    offsets, parents, origins, codes = (tree[name] for name in ("tree.offsets", "tree.parents", "tree.origins",
+                                                                "tree.tokens"))
+
+    def refuse(problem: str) -> NoReturn:
+        raise PersistenceError(f"the tree of {path} is invalid: {problem}")
+
+    if int(offsets[0]) != 0 or int(offsets[-1]) != counts["tokens"] or bool((offsets[1:] <= offsets[:-1]).any()):
+        refuse(f"tree.offsets must rise strictly from 0 to the {counts['tokens']} tokens (every node holds a token)")
+    if bool(((parents < -1) | (parents >= torch.arange(counts["nodes"]))).any()):
+        refuse("tree.parents names a parent that is not listed before its child (nor -1, the root)")
+    if bool((origins >= len(ORIGINS)).any()) or int((origins > 0).sum()) != counts["checkpoints"]:
+        refuse(f"tree.origins must hold codes below {len(ORIGINS)}, non-zero for the {counts['checkpoints']} "
+               "checkpointed nodes")
+    if any(bool((tree[name] < 0).any()) for name in ("tree.last_access", "tree.window_lengths") if name in tree):
+        refuse("tree.last_access or tree.window_lengths holds a negative value")
+    spaces, ids = codes >> _TOKEN_BITS, codes & _TOKEN_MASK
+    if bool(((codes < 0) | (spaces > counts["namespaces"])).any()):
+        refuse(f"tree.tokens holds a negative code or a namespace outside the {counts['namespaces']} stored")
+    if bool((ids >= vocab_size).any()):
+        refuse(f"tree.tokens holds a token id outside this model's vocabulary ({vocab_size})")
+    table = [int.from_bytes(bytes(row), "big") for row in tree["tree.namespaces"].tolist()]
+    if 0 in table or len(set(table)) != len(table) or len(torch.unique(spaces[spaces > 0])) != len(table):
+        refuse("tree.namespaces must hold distinct non-zero namespaces, each used by a token")
+    shifts = [0] + [space << _TOKEN_BITS for space in table]
+    flat = codes.tolist() if not table else [shifts[s] + t for s, t in zip(spaces.tolist(), ids.tolist())]
+    bounds = offsets.tolist()
+    return bounds, [tuple(flat[start:end]) for start, end in zip(bounds, bounds[1:])]
+
+
+def _checkpoint_of(named: dict[str, torch.Tensor], window_lengths: dict[int, int]) -> StateCheckpoint:
+    """The checkpoint holding ``named`` tensors (this cache's flat names, as ``StateCheckpoint.tensors`` gives them)."""
+    checkpoint = StateCheckpoint()
+    for name, tensor in named.items():
+        kind, layer, part = name.split(".")
+        if kind == "conv":
+            checkpoint.conv[(int(layer), int(part))] = tensor
+        elif kind == "recurrent":
+            checkpoint.recurrent[(int(layer), int(part))] = tensor
+        elif part == "keys":
+            checkpoint.windows[int(layer)] = (tensor, named[f"window.{layer}.values"], window_lengths[int(layer)])
+    return checkpoint

@@ -28,6 +28,8 @@ from hf_marconi.persistence import (
     read_manifest,
     save_cache,
 )
+from hf_marconi.states import KVEdge, map_payload
+from hf_marconi.store import INPUT_OUTPUT, StoredEntry
 from hf_marconi.testing import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +85,8 @@ import json, sys, torch
 torch.set_num_threads(1)
 from hf_marconi import MarconiCache
 from hf_marconi.persistence import load_cache
+from hf_marconi.states import KVEdge, map_payload
+from hf_marconi.store import INPUT_OUTPUT, StoredEntry
 from hf_marconi.testing import build_model
 path, prompt = sys.argv[1], json.loads(sys.argv[2])
 model = build_model("bamba")
@@ -106,7 +110,7 @@ def test_reload_in_a_new_process_hits_and_gives_the_same_output(saved):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["loaded"] == len(manifest["entries"]) > 0
+    assert result["loaded"] == manifest["counts"]["nodes"] > 0
     assert result["hits"] == 1 and result["reused"] == history_fed
     assert result["output"] == expected
 
@@ -116,12 +120,17 @@ def test_manifest_records_version_fingerprint_dtypes_shapes_checksums(saved, bam
     assert read_manifest(path) == manifest
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["fingerprint"] == MarconiCache(bamba, capacity_bytes=CAPACITY).fingerprint
+    assert set(manifest) == {"format", "format_version", "fingerprint", "weights_probe", "layout", "counts", "tensors"}
     tensors = load_file(str(path))
     assert set(tensors) == set(manifest["tensors"])
     for name, tensor in tensors.items():
         facts = manifest["tensors"][name]
-        assert facts["dtype"] == "float32" and facts["shape"] == list(tensor.shape)
+        tree_dtype = "uint8" if name in ("tree.origins", "tree.namespaces") else "int64"
+        assert facts["dtype"] == (tree_dtype if name.startswith("tree.") else "float32")
+        assert facts["shape"] == list(tensor.shape)
         assert facts["sha256"] == hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+    counts = manifest["counts"]
+    assert tensors["tree.offsets"].tolist()[-1] == counts["tokens"] and len(tensors["tree.parents"]) == counts["nodes"]
 
 
 @pytest.mark.parametrize("family", ["lfm2", "mamba2", "qwen3_next", "nemotron_h"])
@@ -139,22 +148,30 @@ def test_round_trip_per_family(family, tmp_path):
     assert out == _uncached(model, prompt)
 
 
-def _rewrite_manifest(source: Path, target: Path, change) -> None:
-    """Edit the manifest and write a file that is consistent apart from the edit (its digest recomputed)."""
-    manifest = read_manifest(source)
+def _rewrite_manifest(source: Path, target: Path, change, change_tensors=lambda tensors: None) -> None:
+    """Edit the tensors (their SHA-256 recomputed) and the manifest, and write a file that is consistent apart from
+    the edit (the manifest's digest recomputed)."""
+    manifest, tensors = read_manifest(source), load_file(str(source))
+    change_tensors(tensors)
+    for name, tensor in tensors.items():
+        manifest["tensors"][name]["sha256"] = hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
     change(manifest)
     text = json.dumps(manifest)
     metadata = {MANIFEST_KEY: text, MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    save_file(load_file(str(source)), str(target), metadata=metadata)
+    save_file(tensors, str(target), metadata=metadata)
 
 
 def _edit_token_in_place(source: Path, target: Path) -> None:
-    """Change one token id of the tree inside the header, keeping the file's structure valid."""
-    data = source.read_bytes()
-    marker = b'\\"key\\":['  # the manifest is a JSON string inside the safetensors header: its quotes are escaped
-    at = data.index(marker) + len(marker)
-    digit = data[at:at + 1]
-    target.write_bytes(data[:at] + (b"4" if digit != b"4" else b"5") + data[at + 1:])
+    """Change one token id of the tree (a byte of the tree.tokens tensor), keeping the file's structure valid."""
+    data = bytearray(source.read_bytes())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    start, _ = json.loads(data[8:8 + header_len])["tree.tokens"]["data_offsets"]
+    data[8 + header_len + start] ^= 0x01
+    target.write_bytes(bytes(data))
+
+
+def _parent_out_of_range(tensors: dict) -> None:
+    tensors["tree.parents"][-1] = 99
 
 
 def _corrupt_tensor_byte(source: Path, target: Path) -> None:
@@ -181,8 +198,9 @@ BAD_FILES = {
         lambda s, t: _rewrite_manifest(s, t, lambda m: next(iter(m["tensors"].values())).update(sha256="0" * 64)),
         "SHA-256",
     ),
-    "tree edited": (lambda s, t: _rewrite_manifest(s, t, lambda m: m["entries"][-1].update(parent=99)), "parent"),
-    "token id edited": (_edit_token_in_place, "manifest .* SHA-256"),
+    "format version 2": (lambda s, t: _rewrite_manifest(s, t, lambda m: m.update(format_version=2)), "version 2"),
+    "tree edited": (lambda s, t: _rewrite_manifest(s, t, lambda m: None, _parent_out_of_range), "parent"),
+    "token id edited": (_edit_token_in_place, "tree.tokens .* SHA-256"),
 }
 
 
@@ -241,6 +259,62 @@ def test_missing_file_and_directory_target(bamba, tmp_path):
 def test_empty_store_round_trips(bamba, tmp_path):
     cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
     manifest = save_cache(cache, tmp_path / "empty.safetensors")
-    assert manifest["entries"] == []
+    assert manifest["counts"] == {"nodes": 0, "tokens": 0, "checkpoints": 0, "namespaces": 0}
     fresh = MarconiCache(bamba, capacity_bytes=CAPACITY)
     assert load_cache(fresh, tmp_path / "empty.safetensors") == 0
+
+
+def test_a_salted_cache_round_trips(bamba, tmp_path):
+    """CacheSalt keys lie far above 2**63: they are saved as a namespace table and 32-bit token ids and come back
+    exactly, so a tenant's prompt hits its own stored prefix after loading."""
+    cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    rng = random.Random(5)
+    shared = _tokens(8, rng)
+    history = {name: _generate(bamba, shared + _tokens(12, rng), past_key_values=cache, cache_salt=name,
+                               cache_salt_from=8) for name in ("alice", "bob")}
+    manifest = save_cache(cache, tmp_path / "salted.safetensors")
+    assert manifest["counts"]["namespaces"] == 2
+    reloaded = MarconiCache(bamba, capacity_bytes=CAPACITY)
+    load_cache(reloaded, tmp_path / "salted.safetensors")
+    stored = [(e.key, e.parent, e.origin) for e in reloaded.store.entries()]
+    assert stored == [(e.key, e.parent, e.origin) for e in cache.store.entries()]
+    assert max(max(key) for key, _, _ in stored) > 2**256
+    prompt = history["alice"] + [11, 12]
+    out = _generate(bamba, prompt, past_key_values=reloaded, cache_salt="alice", cache_salt_from=8)
+    assert reloaded.last_call.reused == len(history["alice"]) - 1
+    assert out == _uncached(bamba, prompt)
+
+
+def _chain(model, nodes: int, tokens_per_node: int) -> MarconiCache:
+    """A cache whose store is a chain of ``nodes`` edges of random tokens, each with a copy of a real checkpoint:
+    loaded straight into the store, so that a model without attention (no KV per token) holds many tokens cheaply."""
+    rng = random.Random(nodes)
+    scratch = MarconiCache(model, capacity_bytes=CAPACITY)
+    _generate(model, _tokens(6, rng), past_key_values=scratch)
+    template = scratch.store.entries()[0].checkpoint
+    cache = MarconiCache(model, capacity_bytes=CAPACITY)
+    entries = [
+        StoredEntry((i + 1) * tokens_per_node, tuple(_tokens(tokens_per_node, rng)), i - 1,
+                    KVEdge(tokens_per_node, {}), map_payload(template, torch.clone), INPUT_OUTPUT, i)
+        for i in range(nodes)
+    ]
+    cache.store.load_entries(entries)
+    return cache
+
+
+def test_the_header_does_not_grow_with_stored_tokens(tmp_path):
+    """The tree is stored as tensors: 10 tokens in one node and 200k tokens in 20 nodes give headers that differ only
+    by the digits of the counts and shapes (version 2 wrote every token id into the header, capped at 100 MB)."""
+    model = build_model("mamba2")
+    header_bytes = {}
+    for nodes, tokens_per_node in ((1, 10), (20, 10_000)):
+        cache = _chain(model, nodes, tokens_per_node)
+        path = tmp_path / f"{nodes}.safetensors"
+        save_cache(cache, path)
+        with open(path, "rb") as handle:
+            (header_bytes[nodes],) = struct.unpack("<Q", handle.read(8))
+        reloaded = MarconiCache(model, capacity_bytes=CAPACITY)
+        assert load_cache(reloaded, path) == nodes
+        assert [e.key for e in reloaded.store.entries()] == [e.key for e in cache.store.entries()]
+    assert sum(len(e.key) for e in reloaded.store.entries()) == 200_000
+    assert abs(header_bytes[20] - header_bytes[1]) < 1024, header_bytes
