@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache
 from . import conventions, generation, instance
 from .errors import MarconiCacheError
 from .families import cache_keyword_of, cost_model, family_of
-from .policies import WIDE_ALPHA_GRID, AlphaTuner, Policy, make_policy
+from .policies import AlphaTuner, Policy, default_policy, make_policy
 from .states import DeviceSpec, KVEdge, StateCheckpoint, StateLayout
 from .store import PrefixStore, StateSizes
 from .support import apply_fixes, check_supported
@@ -152,12 +152,13 @@ class MarconiCache(DynamicCache):
             model's family (see ``hf_marconi.fixes``) and wraps ``model.generate``; families whose continuation
             cannot be made exact are refused with ``UnsupportedModelError``.
         capacity_bytes: the most bytes the stored states may occupy (real tensor bytes, ``stats()["bytes"]``).
-        policy: ``"marconi"`` (default), ``"sglang+"`` (LRU), ``"vllm+"`` (block checkpoints), ``"no-cache"``, or
-            a policy object (``hf_marconi.policies``).
+        policy: None (default: ``hf_marconi.policies.default_policy()``, Marconi), ``"marconi"``, ``"sglang+"``
+            (LRU), ``"vllm+"`` (block checkpoints), ``"no-cache"``, or a policy object (``hf_marconi.policies``).
         storage_device: where stored states live: None keeps them on each layer's own device; ``"cpu"`` moves
             them to CPU memory.
-        alpha_tuner: for Marconi, tunes alpha by retrospective bootstrapping (default: an ``AlphaTuner`` over a
-            logarithmic grid, since the paper's 0..2 grid is too narrow for long contexts); None keeps alpha fixed.
+        alpha_tuner: for Marconi, tunes alpha by retrospective bootstrapping (default: the tuner of
+            ``default_policy()``, over a logarithmic grid, since the paper's 0..2 grid is too narrow for long
+            contexts); None keeps alpha fixed.
         capture: how branch-point states are taken during a prefill: ``"single_pass"`` (one model forward in which
             the recurrent mixers split their input at the branch point; falls back to two passes for models whose
             mixers cannot split, e.g. Jamba) or ``"two_pass"`` (a forward up to the branch point, then the rest).
@@ -174,7 +175,7 @@ class MarconiCache(DynamicCache):
         self,
         model: PreTrainedModel,
         capacity_bytes: int,
-        policy: str | Policy = "marconi",
+        policy: str | Policy | None = None,
         storage_device: DeviceSpec = None,
         alpha_tuner: AlphaTuner | None | str = "default",
         capture: str = "single_pass",
@@ -198,10 +199,13 @@ class MarconiCache(DynamicCache):
         self.pure_recurrent = family_of(model).pure_recurrent
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self._measure()
-        if isinstance(policy, str):
+        default, default_tuner = default_policy()
+        if policy is None:
+            policy = _make_policy(default.name, policy_options) if policy_options else default
+        elif isinstance(policy, str):
             policy = _make_policy(policy, policy_options)
         if alpha_tuner == "default":
-            alpha_tuner = AlphaTuner(grid=WIDE_ALPHA_GRID) if policy.alpha is not None else None
+            alpha_tuner = default_tuner if policy.alpha is not None else None
         self.store = PrefixStore(capacity_bytes, policy, self.costs, self.sizes, tuner=alpha_tuner)
         # Tokens whose states the live layers hold, in order; None once a forward fed embeddings instead of ids.
         self.live_tokens: list[int] | None = []
