@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,18 +75,23 @@ def _save_jsonl(requests: Sequence[Request], path: Path) -> None:
 
 def _load_jsonl(path: Path) -> list[Request]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    shared = SharedInts()
     with opener(path, "rt", encoding="utf-8") as lines:
-        return [
-            Request(
-                row["session_id"],
-                float(row["arrival"]),
-                shared.tuple_of(row["input_ids"]),
-                shared.tuple_of(row["output_ids"]),
-                row["meta"],
-            )
-            for row in map(json.loads, lines)
-        ]
+        return requests_from_rows(json.loads(line) for line in lines if line.strip())
+
+
+def requests_from_rows(rows: Iterable[dict]) -> list[Request]:
+    """Requests from rows of the schema above (``meta`` may be missing), in the rows' order."""
+    shared = SharedInts()
+    return [
+        Request(
+            row["session_id"],
+            float(row["arrival"]),
+            shared.tuple_of(row["input_ids"]),
+            shared.tuple_of(row["output_ids"]),
+            row.get("meta", {}),
+        )
+        for row in rows
+    ]
 
 
 def _list_array(sequences: Sequence[tuple[int, ...]]) -> pa.ListArray:
