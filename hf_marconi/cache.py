@@ -22,7 +22,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -35,6 +35,9 @@ from .policies import AlphaTuner, Policy, default_policy, make_policy
 from .states import DeviceSpec, KVEdge, StateCheckpoint, StateLayout
 from .store import PrefixStore, StateSizes
 from .support import apply_fixes, check_supported
+
+if TYPE_CHECKING:
+    from .recording import TraceRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +165,8 @@ class MarconiCache(DynamicCache):
         capture: how branch-point states are taken during a prefill: ``"single_pass"`` (one model forward in which
             the recurrent mixers split their input at the branch point; falls back to two passes for models whose
             mixers cannot split, e.g. Jamba) or ``"two_pass"`` (a forward up to the branch point, then the rest).
+        recorder: a :class:`~hf_marconi.recording.TraceRecorder` that appends every call's request to a trace file
+            (for ``python -m eval plan``); None records nothing.
         **policy_options: passed to the policy factory (e.g. ``alpha=0.5``, ``block_size=32`` for vLLM+).
 
     Only batch-size-1 calls reuse and admit states; larger batches run without reuse (with a warning). When the
@@ -179,6 +184,7 @@ class MarconiCache(DynamicCache):
         storage_device: DeviceSpec = None,
         alpha_tuner: AlphaTuner | None | str = "default",
         capture: str = "single_pass",
+        recorder: TraceRecorder | None = None,
         **policy_options: Any,
     ) -> None:
         capacity_bytes = _capacity(capacity_bytes)
@@ -193,6 +199,7 @@ class MarconiCache(DynamicCache):
         self.fingerprint = config_fingerprint(self.config)
         self.storage_device = storage_device
         self.capture = capture
+        self.recorder = recorder
         # The keyword the installed transformers' forward and generate take this model's cache by.
         self.keyword = cache_keyword_of(model)
         # No attention layer at all (pure Mamba models): the cache counts no tokens itself.
