@@ -64,6 +64,11 @@ def format_gb(gigabytes: float) -> str:
     return f"{gigabytes * 1e3:.3g} MB"
 
 
+def _number(value: float) -> str:
+    """Three significant digits without exponents: 0.394, 16.3, 245, 1,180."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def capacity_axis(ax: Any, fractions: Sequence[float], footprint_gb: float | None, label: bool = True) -> None:
     """A log x axis of capacity as a fraction of the footprint, ticks at ``fractions`` labelled with the percentage
     and (with ``footprint_gb``) the size."""
@@ -73,7 +78,7 @@ def capacity_axis(ax: Any, fractions: Sequence[float], footprint_gb: float | Non
     ax.xaxis.set_minor_locator(NullLocator())
     unit = "GB" if footprint_gb is None or footprint_gb * ticks[0] >= 1 else "MB"
     scale = 1.0 if unit == "GB" else 1e3
-    names = [f"{100 * f:.3g}%" + (f"\n{f * footprint_gb * scale:,.3g}" if footprint_gb else "") for f in ticks]
+    names = [f"{100 * f:.3g}%" + (f"\n{_number(f * footprint_gb * scale)}" if footprint_gb else "") for f in ticks]
     ax.xaxis.set_major_formatter(FixedFormatter(names) if label else NullFormatter())
     ax.tick_params(axis="x", labelsize=8.5)
     ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
@@ -113,7 +118,7 @@ def plot_vs_capacity(rows: Sequence[dict[str, Any]], metric: str, ylabel: str, t
     cols = min(3, len(traces))
     grid_rows = math.ceil(len(traces) / cols)
     fig = plt.figure(figsize=(5.4 * cols, 5.2 * grid_rows))
-    outer = fig.add_gridspec(grid_rows, cols, hspace=0.42, wspace=0.28)
+    outer = fig.add_gridspec(grid_rows, cols, hspace=0.36, wspace=0.28)
     axes = []
     for index, trace in enumerate(traces):
         inner = outer[index // cols, index % cols].subgridspec(2, 1, height_ratios=(2.6, 1.2), hspace=0.08)
@@ -229,7 +234,8 @@ def plot_plan(result: dict[str, Any], path: str | Path) -> Path:
         mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["fraction"])
         xs = [r["fraction"] for r in mine]
         style = STYLE.get(policy, {})
-        hits.plot(xs, [100 * r["token_hit_rate"] for r in mine], label=policy, **style)
+        label = f"{policy} (MarconiCache's default)" if policy == "marconi" else policy
+        hits.plot(xs, [100 * r["token_hit_rate"] for r in mine], label=label, **style)
         flops.plot(xs, [100 * r["flops_saved_fraction"] for r in mine], **style)
         ttft.plot(xs, [1e3 * r["ttft_p50_s"] for r in mine], **style)
         ttft.plot(xs, [1e3 * r["ttft_p95_s"] for r in mine], **dict(_line_style(policy), linestyle=":"))

@@ -163,7 +163,7 @@ def arrival_convention(trace_options: dict[str, Any]) -> str:
         return (f"`numpy.random.poisson({mean:g})` whole seconds, the Marconi authors' artifact's convention "
                 "(`--arrivals poisson`)")
     return (f"exponentially distributed seconds of mean {mean:g} (`--arrivals exponential`), not the paper's "
-            "convention: turns come back sooner, and hit rates are 2-4x those under the paper's Poisson gaps")
+            "convention: turns come back sooner, and hit rates are higher than under the paper's Poisson gaps")
 
 
 def flops_note(rows: Sequence[dict[str, Any]]) -> str:
@@ -244,7 +244,7 @@ def findings(rows: Sequence[dict[str, Any]], arrivals: str = "poisson") -> list[
         "with k = 5, and a single tuning per run. "
         + ("Agent response gaps are drawn as the paper's artifact draws them (Poisson whole seconds)."
            if arrivals == "poisson" else
-           "Agent response gaps are exponential, not the paper's Poisson whole seconds, which raises hit rates 2-4x.")
+           "Agent response gaps are exponential, not the paper's Poisson whole seconds, which raises hit rates.")
     )
     return out
 

@@ -113,8 +113,8 @@ def add_arrivals_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arrivals", choices=ARRIVALS, default="poisson",
         help="agent response times of swebench and tau: poisson = numpy.random.poisson(mean) whole seconds, the "
-        "Marconi authors' artifact; exponential = exponentially distributed seconds, 2-4x higher hit rates at the "
-        "same capacity (default: %(default)s)",
+        "Marconi authors' artifact; exponential = exponentially distributed seconds, up to 2.4x the hit rates at "
+        "the same capacity on swebench (default: %(default)s)",
     )
 
 
