@@ -6,7 +6,8 @@ Schema (one row / line per request, in arrival order):
 field           type                            meaning
 ==============  ==============================  ==================================================
 ``session_id``  string                          requests of one conversation / agent run share it
-``arrival``     float64                         seconds from the start of the trace
+``arrival``     float64                         seconds from the start of the trace (Unix time in
+                                                a recording of ``hf_marconi.recording``)
 ``input_ids``   list of int32                   the whole prompt as token ids (never empty)
 ``output_ids``  list of int32                   the tokens the model produced (may be empty)
 ``meta``        string (Dataset) / object       provenance: ``dataset``, ``turn`` and builder-specific
