@@ -4,12 +4,14 @@
     python -m eval.bench_policies --grids paper wide    # Marconi tuned over both alpha grids
     python -m eval.bench_policies --capacities-gb 5 20 --workers 1
     python -m eval.bench_policies --sessions-per-second 4 --mean-response-s 10   # other arrival settings
+    python -m eval.bench_policies --arrivals exponential   # exponential response gaps instead of the paper's
 
 Marconi runs with retrospective alpha tuning over the paper's grid (0, 0.1, ..., 2.0) and/or a wide logarithmic
 grid (0, 1/8, ..., 128), tuned once (``--retune`` tunes again after every window). Sessions start at
 ``--sessions-per-second`` (default 1: all 100 sessions start within 100 s and most overlap, since one lasts about
-30 turns of ``--mean-response-s`` = 5 s), so about 100 long agent contexts compete for 10-40 GB. Runs are spread
-over worker processes; every run is deterministic, only the requests/s column depends on the machine.
+30 turns of ``--mean-response-s`` = 5 s, drawn as the paper's artifact draws them, ``--arrivals poisson``), so about
+100 long agent contexts compete for 10-40 GB. Runs are spread over worker processes; every run is deterministic,
+only the requests/s column depends on the machine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from hf_marconi.presets import PRESETS, preset
 from hf_marconi.policies import PAPER_ALPHA_GRID, WIDE_ALPHA_GRID, AlphaTuner, BlockPolicy, LRUPolicy, MarconiPolicy
 from hf_marconi.simulator import SimulationResult, simulate
 from hf_marconi.trace import Request
+
+from eval.traces.timing import ARRIVALS
 
 GRIDS = {"paper": PAPER_ALPHA_GRID, "wide": WIDE_ALPHA_GRID}
 
@@ -104,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--retune", action="store_true", help="tune alpha again after every window, not once")
     parser.add_argument("--sessions-per-second", type=float, default=1.0, help="session i starts at i / this")
     parser.add_argument("--mean-response-s", type=float, default=5.0, help="mean agent response time between turns")
+    parser.add_argument("--arrivals", choices=ARRIVALS, default="poisson",
+                        help="agent response times: poisson (whole seconds, the paper's artifact) or exponential")
     parser.add_argument("--block-size", type=int, default=32, help="vLLM+ block size in tokens")
     parser.add_argument("--max-input-tokens", type=int, default=32768, help="sessions are cut at this input length")
     parser.add_argument("--max-sessions", type=int, default=None, help="use only the first runs of the data file")
@@ -119,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     trace = build_trace("swebench", data_dir=args.data_dir, max_input_tokens=args.max_input_tokens,
                         max_sessions=args.max_sessions, sessions_per_second=args.sessions_per_second,
-                        mean_response_s=args.mean_response_s)
+                        mean_response_s=args.mean_response_s, arrivals=args.arrivals)
     loaded = time.perf_counter() - start
     _TRACE[:] = trace
     _SETTINGS.update(preset=args.preset, window_factor=args.window_factor, objective=args.objective,
@@ -128,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     input_tokens = sum(len(r.input_ids) for r in trace)
     print(f"trace: swebench, {len(trace)} requests, {len({r.session_id for r in trace})} sessions, "
           f"{input_tokens} input tokens, {args.sessions_per_second:g} sessions/s, mean agent response "
-          f"{args.mean_response_s:g} s (loaded in {loaded:.1f}s)")
+          f"{args.mean_response_s:g} s ({args.arrivals} gaps; loaded in {loaded:.1f}s)")
     print(f"model: {costs}")
 
     runs = plan_runs([int(gb * 1e9) for gb in args.capacities_gb], args.grids)

@@ -11,7 +11,9 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("eval.traces.cli", "eval.sweep_cli", "eval.ttft_cli", "eval.report_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "eval.traces.cli", "eval.sweep_cli", "eval.ttft_cli", "eval.report_cli", "eval.plan_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,17 +159,24 @@ def replay(
         policy = make_policy(variant.policy)
     tuner = AlphaTuner(grid=variant.tuning_grid) if variant.tuning_grid is not None else None
     store = PrefixStore(capacity_bytes, policy, costs, sizes, tuner=tuner)
-    reused = np.empty(len(ordered), dtype=np.int64)
-    inputs = np.empty(len(ordered), dtype=np.int64)
-    for index, request in enumerate(ordered):
-        plan, _ = store.simulate_request(request.input_ids, request.input_ids + request.output_ids)
-        reused[index] = plan.reuse_len
-        inputs[index] = len(request.input_ids)
+    reused, inputs = replay_store(store, ordered)
     stats = store.stats().asdict()
     stats["tuned_alphas"] = [t.alpha for t in tuner.history] if tuner is not None else []
     stats.update(extra)
     stats["wall_seconds"] = time.perf_counter() - started
     return stats, reused, inputs
+
+
+def replay_store(store: PrefixStore, ordered: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
+    """Replay ``ordered`` through ``store`` in that order; returns each request's reused prefix length and input
+    length."""
+    reused = np.empty(len(ordered), dtype=np.int64)
+    inputs = np.empty(len(ordered), dtype=np.int64)
+    for index, request in enumerate(ordered):
+        plan, _ = store.replay_request(request.input_ids, request.output_ids)
+        reused[index] = plan.reuse_len
+        inputs[index] = len(request.input_ids)
+    return reused, inputs
 
 
 # ------------------------------------------------------------------------------------------ worker process

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .traces.cli import add_arrivals_option
 from .sweep import DEFAULT_FRACTIONS, DEFAULT_TRACES, DEFAULT_VARIANTS, VARIANTS, SweepSpec
 
 # The default report's trace shortening: keeps the sweep under 30 minutes on a 2-core machine.
@@ -50,6 +51,9 @@ def add_sweep_options(parser: argparse.ArgumentParser, trace_sessions_default: s
         "full traces (default: %(default)s)")
     add("--max-input-tokens", type=int, default=32768,
         help="a session ends before its first request with a longer input (default: %(default)s)")
+    add("--mean-response-s", type=float, default=5.0,
+        help="mean agent response time of swebench and tau (default: %(default)s)")
+    add_arrivals_option(parser)
     add("--oracle-max-tokens", type=int, default=10_000_000,
         help="run marconi-oracle (one replay per alpha) only on traces with at most this many input tokens "
         "(default: %(default)s)")
@@ -60,7 +64,9 @@ def sweep_spec(args: argparse.Namespace) -> SweepSpec:
     return SweepSpec(
         traces=args.traces, variants=args.policies, fractions=args.fractions, presets=args.presets,
         max_sessions=args.max_sessions, trace_max_sessions=args.trace_sessions,
-        trace_options={"max_input_tokens": args.max_input_tokens}, oracle_max_tokens=args.oracle_max_tokens,
+        trace_options={"max_input_tokens": args.max_input_tokens, "mean_response_s": args.mean_response_s,
+                       "arrivals": args.arrivals},
+        oracle_max_tokens=args.oracle_max_tokens,
         workers=args.workers,
     )
 

@@ -208,6 +208,30 @@ class PrefillProfile:
                           data["machine"])
 
 
+@dataclass(frozen=True)
+class ComputeBoundPrefill:
+    """TTFT of a model known only by its config: the prefill FLOPs of the uncached suffix
+    (:meth:`hf_marconi.costs.CostModel.extend_flops`) divided by a sustained prefill throughput. No fixed cost, no
+    queueing, restoring states taken as free; the ratio between two policies' TTFTs does not depend on the throughput
+    assumed. Takes the place of a :class:`PrefillProfile` where no profile of the model exists (the planner)."""
+
+    costs: Any  # a hf_marconi.costs.CostModel
+    flops_per_second: float
+
+    def __post_init__(self) -> None:
+        if self.flops_per_second <= 0:
+            raise ValueError(f"flops_per_second must be > 0, got {self.flops_per_second}")
+
+    def ttft(self, reused: Sequence[int] | np.ndarray, input_lens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Modelled TTFT (seconds) of requests with ``input_lens`` tokens, the first ``reused`` of them restored."""
+        reused_arr = np.asarray(reused, dtype=np.int64)
+        inputs = np.asarray(input_lens, dtype=np.int64)
+        if reused_arr.shape != inputs.shape or (reused_arr >= inputs).any():
+            raise ValueError("reused and input_lens must match in shape, with reused < input length per request")
+        flops = [self.costs.extend_flops(int(p), int(n - p)) for p, n in zip(reused_arr, inputs)]
+        return np.asarray(flops, dtype=np.float64) / self.flops_per_second
+
+
 # ------------------------------------------------------------------------------------------------ measuring
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:

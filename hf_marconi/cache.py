@@ -22,7 +22,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -31,10 +31,13 @@ from transformers.cache_utils import DynamicCache
 from . import conventions, generation, instance
 from .errors import MarconiCacheError
 from .families import cache_keyword_of, cost_model, family_of
-from .policies import WIDE_ALPHA_GRID, AlphaTuner, Policy, make_policy
+from .policies import AlphaTuner, Policy, default_policy, make_policy
 from .states import DeviceSpec, KVEdge, StateCheckpoint, StateLayout
 from .store import PrefixStore, StateSizes
 from .support import apply_fixes, check_supported
+
+if TYPE_CHECKING:
+    from .recording import TraceRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -152,15 +155,18 @@ class MarconiCache(DynamicCache):
             model's family (see ``hf_marconi.fixes``) and wraps ``model.generate``; families whose continuation
             cannot be made exact are refused with ``UnsupportedModelError``.
         capacity_bytes: the most bytes the stored states may occupy (real tensor bytes, ``stats()["bytes"]``).
-        policy: ``"marconi"`` (default), ``"sglang+"`` (LRU), ``"vllm+"`` (block checkpoints), ``"no-cache"``, or
-            a policy object (``hf_marconi.policies``).
+        policy: None (default: ``hf_marconi.policies.default_policy()``, Marconi), ``"marconi"``, ``"sglang+"``
+            (LRU), ``"vllm+"`` (block checkpoints), ``"no-cache"``, or a policy object (``hf_marconi.policies``).
         storage_device: where stored states live: None keeps them on each layer's own device; ``"cpu"`` moves
             them to CPU memory.
-        alpha_tuner: for Marconi, tunes alpha by retrospective bootstrapping (default: an ``AlphaTuner`` over a
-            logarithmic grid, since the paper's 0..2 grid is too narrow for long contexts); None keeps alpha fixed.
+        alpha_tuner: for Marconi, tunes alpha by retrospective bootstrapping (default: the tuner of
+            ``default_policy()``, over a logarithmic grid, since the paper's 0..2 grid is too narrow for long
+            contexts); None keeps alpha fixed.
         capture: how branch-point states are taken during a prefill: ``"single_pass"`` (one model forward in which
             the recurrent mixers split their input at the branch point; falls back to two passes for models whose
             mixers cannot split, e.g. Jamba) or ``"two_pass"`` (a forward up to the branch point, then the rest).
+        recorder: a :class:`~hf_marconi.recording.TraceRecorder` that appends every call's request to a trace file
+            (for ``python -m eval plan``); None records nothing.
         **policy_options: passed to the policy factory (e.g. ``alpha=0.5``, ``block_size=32`` for vLLM+).
 
     Each row of a left-padded batch reuses and admits states on its own (:mod:`hf_marconi.batched`). When the
@@ -174,10 +180,11 @@ class MarconiCache(DynamicCache):
         self,
         model: PreTrainedModel,
         capacity_bytes: int,
-        policy: str | Policy = "marconi",
+        policy: str | Policy | None = None,
         storage_device: DeviceSpec = None,
         alpha_tuner: AlphaTuner | None | str = "default",
         capture: str = "single_pass",
+        recorder: TraceRecorder | None = None,
         **policy_options: Any,
     ) -> None:
         capacity_bytes = _capacity(capacity_bytes)
@@ -194,6 +201,7 @@ class MarconiCache(DynamicCache):
         self.fingerprint = config_fingerprint(self.config)
         self.storage_device = storage_device
         self.capture = capture
+        self.recorder = recorder
         # The keyword the installed transformers' forward and generate take this model's cache by.
         self.keyword = cache_keyword_of(model)
         # No attention layer at all (pure Mamba models): the cache counts no tokens itself.
@@ -202,10 +210,13 @@ class MarconiCache(DynamicCache):
         # Guards what is shared outside the store: the weights watch, re-measuring, the counters below.
         self._shared_lock = threading.RLock()
         self._measure()
-        if isinstance(policy, str):
+        default, default_tuner = default_policy()
+        if policy is None:
+            policy = _make_policy(default.name, policy_options) if policy_options else default
+        elif isinstance(policy, str):
             policy = _make_policy(policy, policy_options)
         if alpha_tuner == "default":
-            alpha_tuner = AlphaTuner(grid=WIDE_ALPHA_GRID) if policy.alpha is not None else None
+            alpha_tuner = default_tuner if policy.alpha is not None else None
         self.store = PrefixStore(capacity_bytes, policy, self.costs, self.sizes, tuner=alpha_tuner)
         # The latest call's record in any thread (reused tokens, capture positions, timings of the cache's own work);
         # a caller gets its own call's record from generate's output or from cache.request.

@@ -126,6 +126,7 @@ class PrefixCall:
     checkpoints: dict[int, StateCheckpoint] = field(default_factory=dict)
     timings: CallTimings = field(default_factory=CallTimings)
     salt: CacheSalt | None = None
+    started: float = field(default_factory=time.time)  # Unix time of the lookup (a recorded trace's arrival)
 
     @property
     def reused(self) -> int:
@@ -231,6 +232,8 @@ class PrefixCall:
             cache.reset_live()
             raise
         self.timings.admit_s = time.perf_counter() - started
+        if cache.recorder is not None:
+            cache.recorder.record(tokens, len(prompt), self.started, self.salt)
         logger.debug("MarconiCache admitted %s in %.3f ms", result, self.timings.admit_s * 1e3)
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -39,6 +41,7 @@ from transformers.generation.streamers import BaseStreamer
 from . import conventions
 from .cache import MarconiCache
 from .families import cache_keyword_of
+from .recording import TraceRecorder, session
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +174,9 @@ class MarconiPipeline:
         cache: the MarconiCache to thread through every call; built from ``capacity_bytes`` when None. Several
             pipelines and sessions may share one cache (it is thread-safe).
         capacity_bytes: capacity of the cache built when ``cache`` is None (default 1 GiB).
+        record_to: a trace file (or a :class:`~hf_marconi.recording.TraceRecorder`, e.g. one that hashes blocks)
+            for the cache the pipeline builds to record every call into; chat sessions record under their
+            ``session_id``. For a cache passed in, give the recorder to ``MarconiCache(..., recorder=...)``.
         **generate_defaults: generate settings applied on top of the model's ``generation_config``, overridable per
             call.
     """
@@ -181,11 +187,16 @@ class MarconiPipeline:
         tokenizer: PreTrainedTokenizerBase,
         cache: MarconiCache | None = None,
         capacity_bytes: int | None = None,
+        record_to: str | Path | TraceRecorder | None = None,
         **generate_defaults: Any,
     ) -> None:
         if cache is None:
             capacity = DEFAULT_CAPACITY_BYTES if capacity_bytes is None else capacity_bytes
-            cache = MarconiCache(model, capacity_bytes=capacity)
+            recorder = TraceRecorder(record_to) if isinstance(record_to, (str, Path)) else record_to
+            cache = MarconiCache(model, capacity_bytes=capacity, recorder=recorder)
+        elif record_to is not None:
+            raise ValueError("record_to applies to the cache the pipeline builds; pass the recorder to the "
+                             "MarconiCache you built instead (MarconiCache(model, ..., recorder=TraceRecorder(path)))")
         elif cache.model is not model:
             raise ValueError("the cache was built for another model instance; build the pipeline with that model")
         self.model = model
@@ -201,9 +212,11 @@ class MarconiPipeline:
 
     @classmethod
     def from_pipeline(cls, pipe: Any, cache: MarconiCache | None = None, capacity_bytes: int | None = None,
+                      record_to: str | Path | TraceRecorder | None = None,
                       **generate_defaults: Any) -> "MarconiPipeline":
         """Wrap a transformers ``text-generation`` pipeline's model and tokenizer."""
-        return cls(pipe.model, pipe.tokenizer, cache=cache, capacity_bytes=capacity_bytes, **generate_defaults)
+        return cls(pipe.model, pipe.tokenizer, cache=cache, capacity_bytes=capacity_bytes, record_to=record_to,
+                   **generate_defaults)
 
     # -------------------------------------------------------------------------------------------------- ids
     def generate_ids(
@@ -328,13 +341,15 @@ class MarconiPipeline:
 @dataclass
 class ChatSession:
     """One conversation. ``token_ids`` are exactly the ids the model read and wrote so far (the prompt of the
-    latest turn followed by its reply); ``messages`` the conversation as text."""
+    latest turn followed by its reply); ``messages`` the conversation as text; ``session_id`` what a recorded trace
+    (``record_to``) files its turns under."""
 
     pipeline: MarconiPipeline
     messages: list[dict[str, str]]
     token_ids: list[int] = field(default_factory=list)
     last_prompt_ids: list[int] = field(default_factory=list)
     last_reply_ids: list[int] = field(default_factory=list)
+    session_id: str = field(default_factory=lambda: f"chat-{uuid.uuid4().hex[:12]}")
 
     def send(
         self,
@@ -346,7 +361,8 @@ class ChatSession:
     ) -> str:
         """Add a message, generate the assistant's reply through the cache, and return its text."""
         prompt = self.token_ids + self._new_prompt_ids({"role": role, "content": content})
-        reply_ids = self.pipeline.generate_ids(prompt, streamer=streamer, on_text=on_text, **generate_kwargs)
+        with session(self.session_id):
+            reply_ids = self.pipeline.generate_ids(prompt, streamer=streamer, on_text=on_text, **generate_kwargs)
         reply = self.pipeline.tokenizer.decode(reply_ids, skip_special_tokens=True)
         self.messages += [{"role": role, "content": content}, {"role": "assistant", "content": reply}]
         self.last_prompt_ids, self.last_reply_ids = prompt, reply_ids

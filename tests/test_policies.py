@@ -11,6 +11,7 @@ from hf_marconi.policies import (
     BlockPolicy,
     LRUPolicy,
     MarconiPolicy,
+    default_policy,
     flop_efficiency,
     make_policy,
     oracle_alpha,
@@ -23,6 +24,13 @@ from tests.test_store import SIZES, QuadraticCosts, run
 def test_paper_grid_is_0_to_2_by_tenths_and_wide_grid_reaches_far():
     assert PAPER_ALPHA_GRID[0] == 0.0 and PAPER_ALPHA_GRID[-1] == 2.0 and len(PAPER_ALPHA_GRID) == 21
     assert WIDE_ALPHA_GRID[0] == 0.0 and max(WIDE_ALPHA_GRID) >= 64
+
+
+def test_default_policy_is_marconi_tuned_on_the_wide_grid_and_fresh_each_call():
+    policy, tuner = default_policy()
+    again, other_tuner = default_policy()
+    assert isinstance(policy, MarconiPolicy) and tuner.grid == WIDE_ALPHA_GRID
+    assert policy is not again and tuner is not other_tuner  # a tuner keeps state: never shared between stores
 
 
 def test_block_policy_checkpoints_every_block_boundary():

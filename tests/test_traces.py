@@ -100,13 +100,40 @@ def test_chat_turn_waits_for_typing_time(small_traces):
 
 
 def test_agent_response_times_are_exponential_with_the_configured_mean():
-    draws = np.array([agent_response_times(7, session, 7.5)() for session in range(4000)])
-    one_session = agent_response_times(7, 0, 7.5)
+    draws = np.array([agent_response_times(7, session, 7.5, "exponential")() for session in range(4000)])
+    one_session = agent_response_times(7, 0, 7.5, "exponential")
     draws_in_session = np.array([one_session() for _ in range(4000)])
     for sample in (draws, draws_in_session):
         assert sample.mean() == pytest.approx(7.5, rel=0.1)
         assert sample.std() == pytest.approx(7.5, rel=0.15)  # exponential: std == mean
         assert sample.min() >= 0
+
+
+def test_poisson_convention_draws_whole_seconds_and_few_short_gaps():
+    """The Marconi artifact's convention: numpy.random.poisson(mean) whole seconds, so at mean 7.5 s about 0.5% of gaps
+    are under 2 s (P(0) + P(1) = 8.5 e^-7.5), where exponential gaps put 23% there (1 - e^(-2 / 7.5))."""
+    one_session = agent_response_times(7, 0, 7.5, "poisson")
+    poisson = np.array([one_session() for _ in range(20000)])
+    other_session = agent_response_times(7, 0, 7.5, "exponential")
+    exponential = np.array([other_session() for _ in range(20000)])
+    assert (poisson == np.round(poisson)).all() and poisson.min() >= 0
+    assert poisson.mean() == pytest.approx(7.5, rel=0.03) and poisson.var() == pytest.approx(7.5, rel=0.06)
+    assert (poisson < 2).mean() == pytest.approx(8.5 * np.exp(-7.5), abs=0.002)
+    assert (exponential < 2).mean() == pytest.approx(1 - np.exp(-2 / 7.5), abs=0.015)
+    with pytest.raises(ValueError, match="unknown arrival convention"):
+        agent_response_times(7, 0, 7.5, "uniform")
+
+
+def test_arrival_convention_is_a_builder_option_and_part_of_the_cache_key(encoder, tmp_path):
+    options = dict(data_dir=DATA_DIR, tokenizer=encoder, cache_dir=tmp_path, max_sessions=2)
+    paper = build_trace("tau", **options)
+    exponential = build_trace("tau", arrivals="exponential", **options)
+    assert len(list(tmp_path.iterdir())) == 2  # one cached entry per convention
+    assert build_trace("tau", arrivals="poisson", **options) == paper  # the default is the paper's convention
+    assert sorted(r.input_ids for r in paper) == sorted(r.input_ids for r in exponential)
+    gaps = [b.arrival - a.arrival for s in by_session(paper).values() for a, b in zip(s, s[1:])]
+    agent_gaps = [g for g in gaps if g == round(g)]
+    assert agent_gaps and [r.arrival for r in paper] != [r.arrival for r in exponential]
 
 
 def test_swebench_turns_follow_poisson_response_times(encoder):

@@ -8,8 +8,11 @@ from pathlib import Path
 
 from . import BUILDERS, build_trace, save_trace, trace_stats
 from .stats import TraceStats
+from .timing import ARRIVALS
 
-_COMMON_OPTIONS = ("max_input_tokens", "sessions_per_second", "mean_response_s", "seed", "max_sessions")
+_COMMON_OPTIONS = (
+    "max_input_tokens", "sessions_per_second", "mean_response_s", "arrivals", "seed", "max_sessions",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,9 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mean-response-s",
         type=float,
         default=5.0,
-        help="mean of the exponential (Poisson) agent response time between agent turns of swebench and tau; "
-        "the paper used 5, 7.5 and 10 (default: %(default)s)",
+        help="mean agent response time between agent turns of swebench and tau; the paper used 5, 7.5 and 10 "
+        "(default: %(default)s)",
     )
+    add_arrivals_option(build)
     add("--seed", type=int, default=0, help="seed of response times, orders, synthetic tokens (default: %(default)s)")
     add(
         "--max-sessions",
@@ -102,6 +106,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add("--no-cache", action="store_true", help="build from scratch and do not store the result")
     build.set_defaults(run=run_build)
+
+
+def add_arrivals_option(parser: argparse.ArgumentParser) -> None:
+    """``--arrivals``: how agent response times are drawn (every command that builds swebench or tau traces)."""
+    parser.add_argument(
+        "--arrivals", choices=ARRIVALS, default="poisson",
+        help="agent response times of swebench and tau: poisson = numpy.random.poisson(mean) whole seconds, the "
+        "Marconi authors' artifact; exponential = exponentially distributed seconds, up to 2.4x the hit rates at "
+        "the same capacity on swebench (default: %(default)s)",
+    )
 
 
 def builder_options(name: str, args: argparse.Namespace) -> dict:

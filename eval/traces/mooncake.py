@@ -2,12 +2,10 @@
 
 Each request of the trace gives its arrival (ms), input and output lengths and the hash ids of its
 consecutive 512-token input blocks; equal ids mean an equal prefix block. Every hash id is mapped to its own
-block of 512 synthetic token ids, drawn uniformly from the tokenizer's vocabulary by a generator seeded with
-``(seed, hash_id)``, and a request's input is its blocks back to back, the last block cut to the input
-length when that is not a multiple of 512. Outputs are ``output_length`` synthetic ids seeded with
-``(seed, request index)``; they are not part of any later input (the hash blocks alone say what a later
-request shares). Two different blocks start with the same id with probability 1 / vocabulary
-size, so spurious matches longer than a few tokens between different blocks do not occur in practice.
+block of 512 synthetic token ids (:mod:`eval.traces.hash_blocks`, drawn from the tokenizer's vocabulary), and a
+request's input is its blocks back to back, the last block cut to the input length when that is not a multiple
+of 512. Outputs are ``output_length`` synthetic ids seeded with ``(seed, request index)``; they are not part of
+any later input (the hash blocks alone say what a later request shares).
 
 The trace has no session ids; they are inferred from the prefix structure. Every request shares the first
 block (a common system prompt), so a request continues the session of the latest earlier request whose
@@ -18,20 +16,18 @@ plus the new messages is this request. Otherwise it starts a new session. Arriva
 from __future__ import annotations
 
 from collections import Counter
-from itertools import chain
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from hf_marconi.trace import Request
 
-from .shared_ints import SharedInts
+from .hash_blocks import BLOCK_TOKENS, BlockTokens
 from .synthetic import synthetic_ids
 from .sources import data_file, read_jsonl, resolve_data_dir
 from .tokenizer import TextEncoder, resolve_text_encoder
 
 DATA_FILE = "mooncake_conversation_trace.jsonl.gz"
-BLOCK_TOKENS = 512
 _MIN_CONTINUED_BLOCKS = 2
 
 
@@ -52,10 +48,16 @@ def build_mooncake(
     """
     path = data_file(data_dir, DATA_FILE)
     vocab_size = resolve_text_encoder(tokenizer, resolve_data_dir(data_dir)).vocab_size
-    rows = list(read_jsonl(path))[:max_requests]
+    return requests_from_rows(list(read_jsonl(path))[:max_requests], vocab_size, max_input_tokens, seed)
+
+
+def requests_from_rows(
+    rows: list[dict], vocab_size: int, max_input_tokens: int = 32768, seed: int = 0
+) -> list[Request]:
+    """The requests of Mooncake-format rows (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``),
+    sorted by arrival, as :func:`build_mooncake` builds them from the bundled file."""
     sessions = _infer_sessions(rows)
-    shared = SharedInts()
-    blocks: dict[int, tuple[int, ...]] = {}
+    blocks = BlockTokens(vocab_size, seed, BLOCK_TOKENS)
     ended: set[int] = set()
     turns: Counter[int] = Counter()
     requests = []
@@ -63,11 +65,8 @@ def build_mooncake(
         if session in ended or row["input_length"] > max_input_tokens:
             ended.add(session)
             continue
-        for hash_id in row["hash_ids"]:
-            if hash_id not in blocks:
-                blocks[hash_id] = shared.tuple_of(synthetic_ids(vocab_size, BLOCK_TOKENS, seed, hash_id))
-        input_ids = tuple(chain.from_iterable(blocks[h] for h in row["hash_ids"]))[: row["input_length"]]
-        output_ids = shared.tuple_of(synthetic_ids(vocab_size, row["output_length"], seed, index))
+        input_ids = blocks.tokens(row["hash_ids"], row["input_length"])
+        output_ids = blocks.shared.tuple_of(synthetic_ids(vocab_size, row["output_length"], seed, index))
         meta = {"dataset": "mooncake", "session": session, "row": index, "turn": turns[session]}
         requests.append(Request(f"mooncake-{session}", row["timestamp"] / 1000.0, input_ids, output_ids, meta))
         turns[session] += 1

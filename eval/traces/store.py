@@ -6,7 +6,8 @@ Schema (one row / line per request, in arrival order):
 field           type                            meaning
 ==============  ==============================  ==================================================
 ``session_id``  string                          requests of one conversation / agent run share it
-``arrival``     float64                         seconds from the start of the trace
+``arrival``     float64                         seconds from the start of the trace (Unix time in
+                                                a recording of ``hf_marconi.recording``)
 ``input_ids``   list of int32                   the whole prompt as token ids (never empty)
 ``output_ids``  list of int32                   the tokens the model produced (may be empty)
 ``meta``        string (Dataset) / object       provenance: ``dataset``, ``turn`` and builder-specific
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,18 +76,23 @@ def _save_jsonl(requests: Sequence[Request], path: Path) -> None:
 
 def _load_jsonl(path: Path) -> list[Request]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    shared = SharedInts()
     with opener(path, "rt", encoding="utf-8") as lines:
-        return [
-            Request(
-                row["session_id"],
-                float(row["arrival"]),
-                shared.tuple_of(row["input_ids"]),
-                shared.tuple_of(row["output_ids"]),
-                row["meta"],
-            )
-            for row in map(json.loads, lines)
-        ]
+        return requests_from_rows(json.loads(line) for line in lines if line.strip())
+
+
+def requests_from_rows(rows: Iterable[dict]) -> list[Request]:
+    """Requests from rows of the schema above (``meta`` may be missing), in the rows' order."""
+    shared = SharedInts()
+    return [
+        Request(
+            row["session_id"],
+            float(row["arrival"]),
+            shared.tuple_of(row["input_ids"]),
+            shared.tuple_of(row["output_ids"]),
+            row.get("meta", {}),
+        )
+        for row in rows
+    ]
 
 
 def _list_array(sequences: Sequence[tuple[int, ...]]) -> pa.ListArray:

@@ -2,8 +2,8 @@
 
 Each run of ``swebench_trajectories.jsonl.gz`` is one session: a system prompt, the task (first user
 message), then alternating assistant actions and user messages carrying the tool observations. The request
-for assistant turn ``t`` has everything before it as input and the turn as output; turns follow Poisson
-agent response times.
+for assistant turn ``t`` has everything before it as input and the turn as output; turns follow agent response
+times (:mod:`eval.traces.timing`).
 
 With ``collapse_observations`` the history is rendered as agent frameworks do to save context: all but the
 ``keep_observations`` most recent observations are replaced by a short placeholder. This breaks prefix reuse
@@ -36,6 +36,7 @@ def build_swebench(
     mean_response_s: float = 5.0,
     sessions_per_second: float = 1.0,
     seed: int = 0,
+    arrivals: str = "poisson",
     collapse_observations: bool = False,
     keep_observations: int = 3,
     max_sessions: int | None = None,
@@ -46,9 +47,11 @@ def build_swebench(
         data_dir: folder holding the workload files (default: the shared data folder).
         tokenizer: local tokenizer folder or a :class:`TextEncoder` (default: GPT-2 in ``data_dir``).
         max_input_tokens: a session ends before its first request with a longer input.
-        mean_response_s: mean of the exponential agent response time between requests of a session.
+        mean_response_s: mean agent response time between requests of a session.
         sessions_per_second: session ``i`` starts at ``i / sessions_per_second``.
         seed: seeds the response times.
+        arrivals: how response times are drawn: ``"poisson"`` (whole seconds, the Marconi artifact's convention) or
+            ``"exponential"`` (see :mod:`eval.traces.timing`).
         collapse_observations: replace older tool observations by a placeholder message.
         keep_observations: how many most recent observations stay whole when collapsing.
         max_sessions: use only the first runs of the file (small slices for tests).
@@ -66,7 +69,7 @@ def build_swebench(
     for index, run in enumerate(tqdm(runs, desc="swebench: sessions", disable=None, leave=False)):
         messages = _messages(run["messages"], token_ids)
         timing = SessionTiming(
-            session_start(index, sessions_per_second), agent_response_times(seed, index, mean_response_s)
+            session_start(index, sessions_per_second), agent_response_times(seed, index, mean_response_s, arrivals)
         )
         meta = {"dataset": "swebench", "session": index, "instance_id": run["instance_id"]}
         requests += session_requests(f"swebench-{index}", messages, timing, max_input_tokens, meta, render)

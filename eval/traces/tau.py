@@ -5,7 +5,7 @@ reuse), then a simulated customer, the agent's replies and tool calls, and the t
 reuse). A request is made at every assistant message. An assistant message that calls tools has empty
 content in the data; its tool calls, JSON-encoded, are used as its content. Tool results are history like
 any other message. After a customer message the next request waits for the typing time of its words;
-after tool results it waits for a Poisson agent response time.
+after tool results it waits for an agent response time (:mod:`eval.traces.timing`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def build_tau(
     mean_response_s: float = 5.0,
     sessions_per_second: float = 1.0,
     seed: int = 0,
+    arrivals: str = "poisson",
     max_sessions: int | None = None,
 ) -> list[Request]:
     """The tau-bench airline trace, sorted by arrival (options as in :func:`eval.traces.build_swebench`)."""
@@ -53,7 +54,7 @@ def build_tau(
             for m in run["messages"]
         ]
         timing = SessionTiming(
-            session_start(index, sessions_per_second), agent_response_times(seed, index, mean_response_s)
+            session_start(index, sessions_per_second), agent_response_times(seed, index, mean_response_s, arrivals)
         )
         meta = {
             "dataset": "tau",

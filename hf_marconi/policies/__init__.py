@@ -18,6 +18,7 @@ __all__ = [
     "NoCachePolicy",
     "Policy",
     "TuningRecord",
+    "default_policy",
     "flop_efficiency",
     "make_policy",
     "oracle_alpha",
@@ -30,3 +31,12 @@ def make_policy(name: str, **kwargs) -> Policy:
     if name not in makers:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(makers)}")
     return makers[name](**kwargs)
+
+
+def default_policy() -> tuple[Policy, AlphaTuner]:
+    """The policy a ``MarconiCache`` runs when given none, and its alpha tuner: Marconi, alpha tuned by retrospective
+    bootstrapping over :data:`WIDE_ALPHA_GRID` (the paper's 0..2 grid is too narrow for long contexts).
+
+    The capacity planner (``python -m eval plan``) replays traces through exactly this pair, so a plan and a live
+    cache built with defaults cannot drift apart. Each call returns fresh objects (a tuner keeps state)."""
+    return MarconiPolicy(), AlphaTuner(grid=WIDE_ALPHA_GRID)
