@@ -157,6 +157,9 @@ def generate_rows(
         new_tokens = sequences[row, width:].tolist()
         if new_tokens and not _fed_padding(new_tokens, config):
             admit_s[index] += _admit_continuation(cache, prompt, new_tokens, row, width - len(prompt), call.salt)
+            call.record_to_trace(prompt + new_tokens[:-1])
+        else:
+            call.record_to_trace(prompt)
     records = []
     for p, extra_s in zip(prepared, admit_s):
         record = p.call.record()

@@ -214,6 +214,12 @@ class PrefixCall:
         if end in cache.store.checkpoint_positions(self.plan, end):
             checkpoints[end] = cache.layout.take_checkpoint(cache, cache.storage_device)
         self._commit(tokens, checkpoints, started)
+        self.record_to_trace(tokens)
+
+    def record_to_trace(self, tokens: list[int]) -> None:
+        """Append this call (its prompt, then ``tokens``' continuation: what it admitted) to the cache's recorder."""
+        if self.cache.recorder is not None:
+            self.cache.recorder.record(tokens, self.input_ids.shape[-1], self.started, self.salt)
 
     def admit_prompt(self) -> None:
         """Admit the checkpoints captured in the prefill and the prompt's KV up to the deepest of them, nothing past
@@ -232,8 +238,6 @@ class PrefixCall:
             cache.reset_live()
             raise
         self.timings.admit_s = time.perf_counter() - started
-        if cache.recorder is not None:
-            cache.recorder.record(tokens, len(prompt), self.started, self.salt)
         logger.debug("MarconiCache admitted %s in %.3f ms", result, self.timings.admit_s * 1e3)
 
 

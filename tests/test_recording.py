@@ -137,3 +137,17 @@ def test_pipeline_records_chat_turns_under_the_chat_session(model, tmp_path):
     assert second["input_ids"][: len(fed)] == fed
     with pytest.raises(ValueError, match="record_to applies to the cache the pipeline builds"):
         MarconiPipeline(model, byte_level_tokenizer(), cache=pipe.cache, record_to=path)
+
+
+def test_each_row_of_a_batched_call_is_one_line(model, tmp_path):
+    """A left-padded batch records one line per row: its prompt without the padding, then what it admitted."""
+    path = tmp_path / "calls.jsonl"
+    rows = [_tokens(5, 4)[0].tolist(), _tokens(9, 5)[0].tolist()]
+    ids = torch.tensor([[0] * 4 + rows[0], rows[1]])
+    mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    with TraceRecorder(path) as recorder:
+        cache = MarconiCache(model, capacity_bytes=2**24, recorder=recorder)
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, **SETTINGS)
+    lines = _lines(path)
+    assert [line["input_ids"] for line in lines] == rows
+    assert [line["output_ids"] for line in lines] == [row[9:-1].tolist() for row in out]
