@@ -53,6 +53,7 @@ class ArmResult:
     latencies_s: list[float]
     generated_tokens: int
     token_hit_rate: float
+    prefilled_tokens: int  # prompt tokens the model computed (not restored from the cache)
     outputs: dict[tuple[int, int, int], tuple[list[int], list[int]]] = field(repr=False)  # (client, session, turn)
 
     @property
@@ -117,7 +118,9 @@ def run_arm(model, arm: str, round_index: int, clients: list[Client], capacity_b
     wall = time.perf_counter() - began
     if errors:
         raise errors[0]
-    return ArmResult(arm, round_index, wall, latencies, generated[0], cache.stats()["token_hit_rate"], outputs)
+    stats = cache.stats()
+    return ArmResult(arm, round_index, wall, latencies, generated[0], stats["token_hit_rate"],
+                     stats["input_tokens"] - stats["hit_tokens"], outputs)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -129,7 +132,7 @@ def summary_markdown(results: list[ArmResult], all_equal: bool, command: str, se
     lines = [f"Command: `{command}`", "", setup, "",
              f"Every output equal to uncached generation: {all_equal}", "",
              "| arm | rounds | wall (s, median) | requests/s | generated tokens/s | latency P50 | latency P95 "
-             "| token hit rate |", "|---|---|---|---|---|---|---|---|"]
+             "| token hit rate | prompt tokens prefilled | prefilled tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_arm = {arm: [r for r in results if r.arm == arm] for arm in ARMS}
     for arm, rows in by_arm.items():
         latencies = [x for r in rows for x in r.latencies_s]
@@ -138,7 +141,9 @@ def summary_markdown(results: list[ArmResult], all_equal: bool, command: str, se
             f"| {statistics.median(r.requests_per_s for r in rows):.2f} "
             f"| {statistics.median(r.tokens_per_s for r in rows):.1f} "
             f"| {_percentile(latencies, .5) * 1e3:.0f} ms | {_percentile(latencies, .95) * 1e3:.0f} ms "
-            f"| {statistics.mean(r.token_hit_rate for r in rows):.1%} |"
+            f"| {statistics.mean(r.token_hit_rate for r in rows):.1%} "
+            f"| {statistics.median(r.prefilled_tokens for r in rows):,.0f} "
+            f"| {statistics.median(r.prefilled_tokens / r.wall_s for r in rows):,.0f} |"
         )
     speedups = [c.requests_per_s / s.requests_per_s for s, c in zip(by_arm["serialised"], by_arm["concurrent"])]
     lines += ["", f"Throughput, concurrent / serialised, per round: {', '.join(f'{x:.2f}x' for x in speedups)}"]
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command.strip(), "summary_markdown": summary, "rounds": [
             {"arm": r.arm, "round": r.round, "wall_s": r.wall_s, "latencies_s": r.latencies_s,
-             "generated_tokens": r.generated_tokens, "token_hit_rate": r.token_hit_rate} for r in results]}
+             "generated_tokens": r.generated_tokens, "token_hit_rate": r.token_hit_rate,
+             "prefilled_tokens": r.prefilled_tokens} for r in results]}
         args.out.write_text(json.dumps(payload, indent=1))
     return 0 if all_equal else 1
 
