@@ -92,32 +92,21 @@ def test_multi_turn_batches_continue_each_row_from_its_own_previous_turn(model):
 
 
 @pytest.mark.timeout(600)
-def test_seeded_sampling_batches_equal_uncached(model):
-    rng = random.Random(2)
-    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
-    shared = _tokens(16, rng)
-    sampling = dict(do_sample=True, top_k=0, temperature=1.0)
-    for seed in range(3):
-        rows = [shared + _tokens(rng.randint(1, 6), rng) for _ in range(4)]
-        cached = _generate(model, rows, cache, seed=seed, **sampling)
-        assert torch.equal(cached.sequences, _generate(model, rows, seed=seed, **sampling).sequences)
-    assert cache.stats()["hits"] >= 8
-
-
-@pytest.mark.timeout(600)
-def test_num_return_sequences_restores_the_prompt_once_and_expands_it(model):
-    rng = random.Random(3)
+@pytest.mark.parametrize("samples", [1, 3])
+def test_seeded_sampling_batches_equal_uncached(model, samples):
+    """Seeded sampling, with ``num_return_sequences``: each prompt row is looked up and restored once, its states
+    repeated for its samples, and every sample equals uncached sampling."""
+    rng = random.Random(samples)
     cache = MarconiCache(model, capacity_bytes=64 * 2**20)
     shared = _tokens(20, rng)
-    sampling = dict(do_sample=True, top_k=0, num_return_sequences=3)
+    sampling = dict(do_sample=True, top_k=0, num_return_sequences=samples)
     for seed in range(3):
-        rows = [shared + _tokens(4, rng), shared + _tokens(2, rng)]
+        rows = [shared + _tokens(rng.randint(1, 6), rng) for _ in range(3)]
         cached = _generate(model, rows, cache, seed=seed, **sampling)
         assert torch.equal(cached.sequences, _generate(model, rows, seed=seed, **sampling).sequences)
         if seed:
-            assert [r.reused_tokens for r in cached.marconi_record.rows] == [20, 20]
-    stats = cache.stats()
-    assert stats["lookups"] == 6, "one lookup per prompt row, not per returned sequence"
+            assert all(r.reused_tokens >= 20 for r in cached.marconi_record.rows)
+    assert cache.stats()["lookups"] == 9, "one lookup per prompt row, not per returned sequence"
 
 
 @pytest.mark.timeout(600)
