@@ -46,8 +46,22 @@ def restored_counts(output: str) -> list[int]:
 
 def test_every_example_is_tested():
     tested = {"quickstart.py", "chat.py", "shared_prompt.py", "agent_loop.py", "pipeline_chat.py",
-              "save_and_reload.py"}
+              "save_and_reload.py", "batched_fewshot.py", "threads.py"}
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
+
+
+def test_batched_fewshot():
+    output = run_example("batched_fewshot.py", "--batches", "2", "--batch-size", "3", "--max-new-tokens", "3", "--check")
+    first, second = [[int(n) for n in re.findall(r"\d+", line.split("[")[1])]
+                     for line in output.splitlines() if "restored per row" in line]
+    assert first[0] == 0 and all(n > 100 for n in first[1:]), "later rows restore what the first computed"
+    assert all(n > 100 for n in second)
+
+
+def test_threads():
+    output = run_example("threads.py", "--threads", "3", "--turns", "2", "--max-new-tokens", "4", "--check")
+    restored = restored_counts(output)
+    assert len(restored) == 6 and sum(n > 0 for n in restored) >= 3  # every conversation's second turn reuses
 
 
 def test_quickstart():
