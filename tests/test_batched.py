@@ -139,3 +139,22 @@ def test_rows_in_a_namespace_do_not_reuse_another_namespaces_prefix(model):
     other = _generate(model, [shared + _tokens(4, rng)] * 2, cache, cache_salt="tenant-b")
     first = other.marconi_record.rows[0].reused_tokens
     assert first == 0, "nothing of tenant-a's is reused by tenant-b"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", [
+    dict(prefill_chunk_size=8),
+    dict(repetition_penalty=1.3, min_new_tokens=3, no_repeat_ngram_size=2),
+    dict(max_new_tokens=None, max_length=48),
+])
+def test_generate_options_on_batches_equal_uncached(model, mode):
+    """Options that read the whole prompt (penalties, lengths) or chunk its prefill see the padded batch, as without
+    the cache."""
+    rng = random.Random(6)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    shared = _tokens(30, rng)
+    for _ in range(2):
+        rows = [shared + _tokens(n, rng) for n in (2, 7, 12)]
+        cached = _generate(model, rows, cache, **mode)
+        assert torch.equal(cached.sequences, _generate(model, rows, **mode).sequences)
+    assert all(r.reused_tokens >= 30 for r in cached.marconi_record.rows)
