@@ -20,8 +20,10 @@ reuse is counted up to the last whole block two requests share.
 Calls in a namespace (``cache_salt=``) carry ``meta.namespace`` (the first 16 hex digits of the salt's SHA-256, not
 the salt) and ``meta.namespace_from``; the planner keeps namespaces apart as the live cache did (hashed lines mix
 them into their hashes). Calls that ran without reuse, raised, or fed something other than the prompt's continuation
-(nothing admitted) are not recorded. A replay of a token-id trace is exact when the recording started with the
-cache's store empty and calls were serialised (the cache's default: one call at a time per model).
+(nothing admitted) are not recorded; each row of a batched call is one line. A replay of a token-id trace is exact
+when the recording started with the cache's store empty and the calls ran one after another, one sequence each
+(overlapping calls in several threads, and the rows of a batch, which also capture branch points between rows, are
+approximated by a replay in arrival order).
 
 Cost on the caller's path: copying the call's token list and appending it to a queue; a writer thread formats and
 writes the lines and flushes the file after each batch. :meth:`TraceRecorder.close` (also run at interpreter exit)
