@@ -50,6 +50,7 @@ class ArmResult:
     arm: str
     round: int
     wall_s: float
+    cpu_s: float  # CPU seconds of the whole process (every thread) during the round
     latencies_s: list[float]
     generated_tokens: int
     token_hit_rate: float
@@ -110,16 +111,16 @@ def run_arm(model, arm: str, round_index: int, clients: list[Client], capacity_b
             errors.append(error)
 
     threads = [threading.Thread(target=client_thread, args=(i,), daemon=True) for i in range(len(clients))]
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - began
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
     if errors:
         raise errors[0]
     stats = cache.stats()
-    return ArmResult(arm, round_index, wall, latencies, generated[0], stats["token_hit_rate"],
+    return ArmResult(arm, round_index, wall, cpu, latencies, generated[0], stats["token_hit_rate"],
                      stats["input_tokens"] - stats["hit_tokens"], outputs)
 
 
@@ -132,7 +133,7 @@ def summary_markdown(results: list[ArmResult], all_equal: bool, command: str, se
     lines = [f"Command: `{command}`", "", setup, "",
              f"Every output equal to uncached generation: {all_equal}", "",
              "| arm | rounds | wall (s, median) | requests/s | generated tokens/s | latency P50 | latency P95 "
-             "| token hit rate | prompt tokens prefilled | prefilled tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| token hit rate | prompt tokens prefilled | cores busy (CPU s / wall s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_arm = {arm: [r for r in results if r.arm == arm] for arm in ARMS}
     for arm, rows in by_arm.items():
         latencies = [x for r in rows for x in r.latencies_s]
@@ -143,7 +144,7 @@ def summary_markdown(results: list[ArmResult], all_equal: bool, command: str, se
             f"| {_percentile(latencies, .5) * 1e3:.0f} ms | {_percentile(latencies, .95) * 1e3:.0f} ms "
             f"| {statistics.mean(r.token_hit_rate for r in rows):.1%} "
             f"| {statistics.median(r.prefilled_tokens for r in rows):,.0f} "
-            f"| {statistics.median(r.prefilled_tokens / r.wall_s for r in rows):,.0f} |"
+            f"| {statistics.median(r.cpu_s / r.wall_s for r in rows):.2f} |"
         )
     speedups = [c.requests_per_s / s.requests_per_s for s, c in zip(by_arm["serialised"], by_arm["concurrent"])]
     lines += ["", f"Throughput, concurrent / serialised, per round: {', '.join(f'{x:.2f}x' for x in speedups)}"]
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command.strip(), "summary_markdown": summary, "rounds": [
-            {"arm": r.arm, "round": r.round, "wall_s": r.wall_s, "latencies_s": r.latencies_s,
+            {"arm": r.arm, "round": r.round, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "latencies_s": r.latencies_s,
              "generated_tokens": r.generated_tokens, "token_hit_rate": r.token_hit_rate,
              "prefilled_tokens": r.prefilled_tokens} for r in results]}
         args.out.write_text(json.dumps(payload, indent=1))
