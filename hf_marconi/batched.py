@@ -115,11 +115,16 @@ def _fed_padding(new_tokens: list[int], config: GenerationConfig) -> bool:
 
 
 def _admit_continuation(cache: "MarconiCache", prompt: list[int], new_tokens: list[int], row: int, pad: int,
-                        salt: CacheSalt | None) -> float:
-    """Step 3 for one row of the batched cache (its tokens start at cache position ``pad``); returns the seconds."""
+                        salt: CacheSalt | None, generation: int) -> float:
+    """Step 3 for one row of the batched cache (its tokens start at cache position ``pad``); returns the seconds.
+    Nothing is admitted when the store is no longer at ``generation`` (that of the row's lookup): a clear means the
+    states may belong to weights that changed."""
     started = time.perf_counter()
     tokens = prompt + new_tokens[:-1]  # the last new token was never fed
     plan = cache.store.plan(store_key(salt, prompt), count=False)
+    if plan.generation != generation:  # the store was cleared (or the weights changed) while the batch decoded
+        cache.store.abort(plan)
+        return 0.0
     checkpoints = {}
     if len(tokens) in cache.store.checkpoint_positions(plan, len(tokens)):
         checkpoints[len(tokens)] = cache.layout.take_checkpoint(cache, cache.storage_device, row=row)
@@ -127,11 +132,7 @@ def _admit_continuation(cache: "MarconiCache", prompt: list[int], new_tokens: li
     def make_edge(start: int, stop: int) -> KVEdge:
         return cache.layout.take_edge(cache, pad + start, pad + stop, cache.storage_device, row=row)
 
-    try:
-        cache.store.commit(plan, store_key(salt, tokens), make_edge, checkpoints)
-    except BaseException:
-        cache.store.abort(plan)
-        raise
+    cache.store.commit(plan, store_key(salt, tokens), make_edge, checkpoints)  # releases the plan, also on errors
     return time.perf_counter() - started
 
 
@@ -148,6 +149,7 @@ def generate_rows(
     cache.layout.restore_rows(cache, [p.states for p in prepared for _ in range(samples)], width - 1,
                               cache.layer_devices)
     cache.live_tokens = None  # several rows: the live layers no longer follow one token list
+    cache.live.prompt = None
     output = original(input_ids, *args, **conventions.with_cache(kwargs, cache.keyword, cache))
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     admit_s = [0.0] * len(rows)
@@ -156,7 +158,8 @@ def generate_rows(
         prompt, call = rows[index], prepared[index].call
         new_tokens = sequences[row, width:].tolist()
         if new_tokens and not _fed_padding(new_tokens, config):
-            admit_s[index] += _admit_continuation(cache, prompt, new_tokens, row, width - len(prompt), call.salt)
+            admit_s[index] += _admit_continuation(cache, prompt, new_tokens, row, width - len(prompt), call.salt,
+                                                  call.plan.generation)
             call.record_to_trace(prompt + new_tokens[:-1])
         else:
             call.record_to_trace(prompt)

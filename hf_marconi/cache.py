@@ -225,6 +225,8 @@ class MarconiCache(DynamicCache):
         self.bypassed_calls = 0
         # Times the store was dropped because the model's weights changed.
         self.invalidations = 0
+        # A call ran through the cache, in any thread (a forward in a thread that ran none starts from empty states).
+        self.calls_ran = False
         self._weights = WeightsWatch(model)
         instance.install(model, self.pure_recurrent)
 
@@ -256,7 +258,8 @@ class MarconiCache(DynamicCache):
     def active_call(self) -> Iterator[None]:
         """Mark the current thread as inside a call that went through the cache (generate wrapper or request)."""
         live = self._live
-        live.in_call, live.prompt, live.loops = True, None, 0
+        live.in_call, live.prompt, live.loops, live.ran_call = True, None, 0, True
+        self.calls_ran = True
         try:
             yield
         finally:
@@ -321,13 +324,15 @@ class MarconiCache(DynamicCache):
         self.state_shapes = StateShapes.of(edge, checkpoint)
         self.costs = cost_model(self.config, dtype=model.dtype, recurrent_dtype=model.dtype)
         if hasattr(self, "store"):
-            self.store.sizes, self.store.costs = self.sizes, self.costs
+            with self.store.lock:
+                self.store.sizes, self.store.costs = self.sizes, self.costs
 
     def clear(self) -> int:
         """Drop every stored state (e.g. after changing the model's weights by a route the cache cannot see);
         returns the bytes freed. Counters are kept."""
         freed = self.store.clear()
-        self.reset_live()
+        if not self._live.in_call:  # a call of this thread in flight (clear from a callback) keeps its live states
+            self.reset_live()
         return freed
 
     # ----------------------------------------------------------- live layers
@@ -449,6 +454,8 @@ class _ThreadLive(threading.local):
         self.tokens: list[int] | None = []
         self.forward_depth = 0  # nested model forwards in flight (a CausalLM's base model counts with it)
         self.in_call = False  # inside generate's wrapper or cache.request
+        self.ran_call = False  # this thread ran a call through the cache (its live states are that call's)
+        self.warned_empty = False  # warned that a forward here does not continue another thread's call
         self.prompt: list[int] | None = None  # that call's prompt
         self.loops = 0  # transformers generate loops the call entered (one is allowed)
 

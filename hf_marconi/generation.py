@@ -1,9 +1,11 @@
 """The per-call flow of a MarconiCache: lookup, restore, branch-point capture, admit.
 
 :class:`PrefixCall` is one request's passage through the cache (``cache.request``, ``generate`` and each row of a
-batched ``generate`` use it); everything a call changes in the store happens in :meth:`PrefixCall.finish`, after the
-model has run, so an exception anywhere before leaves the store as it was (``PrefixCall.abort`` only releases the
-lookup's lock). :class:`CacheSalt` is a call's namespace, :class:`CallRecord` what the caller gets back.
+batched ``generate`` use it); everything a one-sequence call changes in the store happens in
+:meth:`PrefixCall.finish`, after the model has run, so an exception anywhere before leaves the store as it was
+(``PrefixCall.abort`` only releases the lookup's lock). A batched row also admits its prompt's captures before
+decoding (:meth:`PrefixCall.admit_prompt`). :class:`CacheSalt` is a call's namespace, :class:`CallRecord` what the
+caller gets back.
 
 What ``model.generate`` does with a MarconiCache is in :mod:`.wrapper`; batched calls in :mod:`.batched`.
 """
@@ -224,16 +226,17 @@ class PrefixCall:
     def admit_prompt(self) -> None:
         """Admit the checkpoints captured in the prefill and the prompt's KV up to the deepest of them, nothing past
         the prompt: a batched row's admission before decoding, so that later rows of the batch can reuse it."""
-        self._commit(self.input_ids[0].tolist(), dict(self.checkpoints), time.perf_counter())
+        self._commit(self.input_ids[0].tolist(), dict(self.checkpoints), time.perf_counter(), count=False)
 
-    def _commit(self, tokens: list[int], checkpoints: dict[int, StateCheckpoint], started: float) -> None:
+    def _commit(self, tokens: list[int], checkpoints: dict[int, StateCheckpoint], started: float,
+                count: bool = True) -> None:
         cache = self.cache
 
         def make_edge(start: int, stop: int):
             return cache.layout.take_edge(cache, start, stop, cache.storage_device)
 
         try:
-            result = cache.store.commit(self.plan, store_key(self.salt, tokens), make_edge, checkpoints)
+            result = cache.store.commit(self.plan, store_key(self.salt, tokens), make_edge, checkpoints, count)
         except BaseException:
             cache.reset_live()
             raise

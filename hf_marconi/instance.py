@@ -17,6 +17,7 @@ hooks read or write (live layers, tokens fed, the call in flight) is the calling
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -108,6 +109,8 @@ def enter_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
             "forwards); run the uncompiled model with it, or pass a DynamicCache to the compiled one"
         )
     live = cache.live
+    if live.forward_depth == 0 and not live.in_call and not live.ran_call and cache.calls_ran:
+        _warn_states_are_per_thread(live)
     if live.forward_depth == 0:  # the outermost forward (the inner base model of a CausalLM is counted with it)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if cache.live_tokens is not None:
@@ -121,6 +124,21 @@ def enter_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     if conventions.cache_keywords_used(kwargs) == [cache.keyword]:
         return None
     return args, conventions.with_cache(kwargs, cache.keyword, cache)
+
+
+def _warn_states_are_per_thread(live: Any) -> None:
+    """A forward outside any call, in a thread that never ran a call through the cache while other threads did: most
+    likely a caller continuing another thread's ``generate`` output by hand, which would start from this thread's
+    empty live states (wrong tokens). Warned once per thread: a fresh forward from position 0 is fine."""
+    if live.warned_empty:
+        return
+    live.warned_empty = True
+    warnings.warn(
+        "a forward on a MarconiCache in a thread that ran no call through it: each thread has its own live states, so "
+        "this forward starts from empty ones, not from the states another thread's generate left. Continue a "
+        "generate output by hand in the thread that called generate",
+        stacklevel=4,
+    )
 
 
 def _check_continues_the_prompt(cache: "MarconiCache", fed: list[int]) -> None:

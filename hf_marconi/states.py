@@ -256,7 +256,8 @@ class StateLayout:
         for idx in self.kv_layers:
             keys, values = [], []
             for row in rows:
-                row_keys, row_values = row[0].kv[idx] if row is not None else (edge0.kv[idx][0][..., :0, :],) * 2
+                # A row without tokens: empty keys and values (whose head dims may differ) of the first known row.
+                row_keys, row_values = row[0].kv[idx] if row is not None else (t[..., :0, :] for t in edge0.kv[idx])
                 pad = length - row_keys.shape[-2]
                 keys.append(torch.nn.functional.pad(row_keys.to(devices[idx]), (0, 0, pad, 0)))
                 values.append(torch.nn.functional.pad(row_values.to(devices[idx]), (0, 0, pad, 0)))

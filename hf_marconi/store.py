@@ -287,12 +287,15 @@ class PrefixStore:
         tokens: Sequence[int],
         make_edge: Callable[[int, int], EdgePayload],
         checkpoints: Mapping[int, Payload],
+        count: bool = True,
     ) -> AdmitResult:
         """Store ``tokens`` (the input followed by what the caller fed after it) with the checkpoints the policy allows,
-        evicting per policy so that the store fits its capacity; releases the plan's lock.
+        evicting per policy so that the store fits its capacity; releases the plan's lock, also when admitting raises.
 
         ``make_edge(start, end)`` is called at most once, for the token range not stored yet (``start >=
         plan.reuse_len``). Tokens past the deepest admitted checkpoint are not stored: no lookup could resume there.
+        ``count=False``: a partial admission of a request another commit completes (a batched row's prompt, admitted
+        before decoding), not counted as a commit nor shown to the alpha tuner.
         """
         seq = _as_token_tuple(tokens)
         with self._lock:
@@ -301,7 +304,7 @@ class PrefixStore:
             if self._outlived_by_clear(plan):
                 return AdmitResult(False, 0, (), 0, 0)  # its tree was dropped: the states may belong to old weights
             self._check_open(plan)
-            return self._commit(plan, seq, make_edge, checkpoints)
+            return self._commit(plan, seq, make_edge, checkpoints, count)
 
     def _commit(
         self,
@@ -309,15 +312,19 @@ class PrefixStore:
         seq: tuple[int, ...],
         make_edge: Callable[[int, int], EdgePayload],
         checkpoints: Mapping[int, Payload],
+        count: bool = True,
     ) -> AdmitResult:
         """commit() once ``seq`` is known to start with the plan's input."""
         with self._lock:
             self._clock += 1
-            result = self._admit(plan, seq, make_edge, checkpoints)
-            self._release(plan.receipt)
-            self._stats.commits += 1
-            if self.tuner is not None:
-                self.tuner.after_commit(self, plan.input_ids, seq, evicted=result.nodes_evicted > 0)
+            try:
+                result = self._admit(plan, seq, make_edge, checkpoints)
+            finally:
+                self._release(plan.receipt)
+            if count:
+                self._stats.commits += 1
+                if self.tuner is not None:
+                    self.tuner.after_commit(self, plan.input_ids, seq, evicted=result.nodes_evicted > 0)
             return result
 
     def _admit(
@@ -536,8 +543,8 @@ class PrefixStore:
             self._tree.check_invariants()
             if not self._open and self._tree.nbytes > self.capacity_bytes:
                 raise AssertionError(f"capacity exceeded: {self._tree.nbytes} > {self.capacity_bytes} bytes")
-            if not self._open and self._tree.root.lock_ref != 0:
-                raise AssertionError("locks remain although no plan is open")
+            if self._tree.root.lock_ref != len(self._open):
+                raise AssertionError(f"{self._tree.root.lock_ref} locks on the tree but {len(self._open)} open plans")
 
     # ------------------------------------------------------------------------------------------ simulation
     def simulate_request(self, input_ids: Sequence[int], tokens: Sequence[int]) -> tuple[RequestPlan, AdmitResult]:

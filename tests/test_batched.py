@@ -10,9 +10,12 @@ import torch
 
 from conftest import fresh_cache
 from hf_marconi import MarconiCache
-from hf_marconi.testing import build_model
+from hf_marconi.families import family_of
+from hf_marconi.testing import FAMILIES as ZOO
+from hf_marconi.testing import build_model, make_config
 
 FAMILIES = ["jamba", "bamba", "qwen3_next"]  # Mamba1 hybrid, Mamba2 hybrid, gated-delta-net hybrid
+FAMILIES_WITH_ATTENTION = [f for f in ZOO if not family_of(make_config(f)).pure_recurrent]
 PAD = 0
 GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None, return_dict_in_generate=True)
 
@@ -158,3 +161,20 @@ def test_generate_options_on_batches_equal_uncached(model, mode):
         cached = _generate(model, rows, cache, **mode)
         assert torch.equal(cached.sequences, _generate(model, rows, **mode).sequences)
     assert all(r.reused_tokens >= 30 for r in cached.marconi_record.rows)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", [f for f in FAMILIES_WITH_ATTENTION])
+def test_every_family_with_attention_layers_reuses_per_row(family):
+    """Rows of one token (no states before the last), shared and unshared rows, a cold and a warm batch, in every zoo
+    family with attention layers (Kimi-Linear's values have another head dim than its keys)."""
+    model = build_model(family, dtype=torch.float64)
+    rng = random.Random(7)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    shared = _tokens(12, rng)
+    for _ in range(2):
+        rows = [_tokens(1, rng), shared + _tokens(3, rng), shared + _tokens(5, rng), _tokens(4, rng)]
+        cached = _generate(model, rows, cache)
+        assert torch.equal(cached.sequences, _generate(model, rows).sequences)
+    assert [r.reused_tokens >= 12 for r in cached.marconi_record.rows] == [False, True, True, False]
+    cache.check_invariants()

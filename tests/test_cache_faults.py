@@ -203,3 +203,24 @@ def test_tight_capacity_mixed_workload(bamba):
         cache.check_invariants()
     assert cache.stats()["checkpoints_evicted"] > 0
     assert cache.stats()["hits"] > 0
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_error_while_admitting_releases_the_lookups_lock(bamba, warm_cache, batched, monkeypatch):
+    """Copying the new states out fails (e.g. out of memory): the error reaches the caller, no lock is left on the
+    tree (a leaked lock would keep its path from ever being evicted), and the next call works."""
+    layout = warm_cache.layout
+
+    def failing_take_edge(*args, **kwargs):
+        raise MemoryError("simulated: no memory for the copy")
+
+    monkeypatch.setattr(type(layout), "take_edge", failing_take_edge)
+    prompt = _ids(*range(30, 52))
+    ids = torch.cat([prompt, prompt.flip(-1)]) if batched else prompt
+    with pytest.raises(MemoryError):
+        bamba.generate(ids, past_key_values=warm_cache, **SETTINGS)
+    monkeypatch.undo()
+    assert warm_cache.store.tree.root.lock_ref == 0
+    warm_cache.check_invariants()
+    out = bamba.generate(prompt, past_key_values=warm_cache, **SETTINGS)
+    assert torch.equal(out, bamba.generate(prompt, **fresh_cache(bamba), **SETTINGS))

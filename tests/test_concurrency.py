@@ -241,3 +241,77 @@ def test_each_thread_continues_its_own_returned_cache():
         with torch.no_grad():
             expected = model(full, **fresh_cache(model)).logits[0, -1]
         torch.testing.assert_close(continued[index], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_continuing_another_threads_output_by_hand_is_warned():
+    """Live states are per thread: continuing, in the main thread, an output that generate returned in a worker thread
+    would start from the main thread's empty states. It is warned about (once), not silent."""
+    model = build_model("bamba")
+    cache = MarconiCache(model, capacity_bytes=32 * 2**20)
+    outputs = {}
+
+    def worker(_: int) -> None:
+        outputs["out"] = model.generate(torch.tensor([_tokens(10, random.Random(11))]), past_key_values=cache,
+                                        **SETTINGS)
+
+    run_in_threads(worker, 1)
+    with pytest.warns(UserWarning, match="thread that called generate"):
+        with torch.no_grad():
+            model(outputs["out"][:, -1:], past_key_values=cache)
+
+
+@pytest.mark.timeout(300)
+def test_clear_from_a_callback_inside_a_batched_call_keeps_its_tokens_right():
+    """clear() from a stopping criterion of the calling thread's own batched call: the call finishes on its live
+    states with the uncached tokens, and stores nothing (the store was cleared under it)."""
+    model = build_model("bamba")
+    cache = MarconiCache(model, capacity_bytes=32 * 2**20)
+
+    class ClearOnce(StoppingCriteria):
+        done = False
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if not self.done:
+                self.done = True
+                cache.clear()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = (ids != 0).long()
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache,
+                         stopping_criteria=StoppingCriteriaList([ClearOnce()]), **SETTINGS)
+    assert torch.equal(out, model.generate(ids, attention_mask=mask, **fresh_cache(model), **SETTINGS))
+    assert cache.store.nbytes == 0
+    cache.check_invariants()
+
+
+@pytest.mark.timeout(300)
+def test_clear_while_a_batched_call_is_in_flight_stores_nothing_afterwards():
+    """A batched row admits its continuation with a second plan after decoding; a clear() in between (or a weight
+    change) must still drop that admission, as it drops a one-sequence call's."""
+    model = build_model("bamba")
+    cache = MarconiCache(model, capacity_bytes=32 * 2**20)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = (ids != 0).long()
+    hold, held = _HoldAtStep(step=2), {}
+
+    def run() -> None:
+        try:
+            held["output"] = model.generate(ids, attention_mask=mask, past_key_values=cache,
+                                            stopping_criteria=StoppingCriteriaList([hold]), **SETTINGS)
+        except BaseException as error:  # surfaced by the test
+            held["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert hold.reached.wait(WAIT_S)
+    try:
+        cache.clear()
+    finally:
+        hold.release.set()
+        thread.join(WAIT_S)
+    assert not thread.is_alive() and "error" not in held, held.get("error")
+    assert torch.equal(held["output"], model.generate(ids, attention_mask=mask, **fresh_cache(model), **SETTINGS))
+    assert cache.store.nbytes == 0, "nothing admitted after the clear"
+    cache.check_invariants()
