@@ -4,7 +4,7 @@ How a call with several rows (or one padded row, or ``num_return_sequences > 1``
 
 1. **Each row alone** (its tokens without the padding), in batch order: lookup, restore, branch-point capture and a
    prefill up to its last prompt token, exactly as a batch-1 call prepares. The positions where a row branches off the
-   other rows of the batch count as branch points, and each row's captured checkpoints are admitted at once, so a
+   later rows of the batch count as branch points, and each row's captured checkpoints are admitted at once, so a
    later row of the same batch (few-shot queries sharing their examples) restores the shared prefix instead of
    prefilling it again. The row's KV and fixed-size states are copied aside.
 2. **One batched cache**: the rows' states are written side by side, attention KV left-padded to the longest row
@@ -83,12 +83,21 @@ class _PreparedRow:
     states: tuple[KVEdge, StateCheckpoint] | None
 
 
-def _prepare_row(cache: "MarconiCache", prompt: list[int], others: list[list[int]],
+def _branches_for_later_rows(prompt: list[int], later: list[list[int]], limit: int | None) -> tuple[int, ...]:
+    """Where ``prompt`` branches off the rows after it in the batch: the positions a checkpoint would let them reuse
+    (earlier rows are in the store already). Past the policy's limit of new checkpoints per request, the shallowest
+    are kept: a checkpoint there serves every later row that shares at least that much."""
+    branches = sorted({_shared_prefix_len(prompt, other) for other in later} - {0})
+    # One place is left for the branch point the store finds against the stored paths.
+    return tuple(branches if limit is None else branches[: max(limit - 1, 1)])
+
+
+def _prepare_row(cache: "MarconiCache", prompt: list[int], later: list[list[int]],
                  salt: CacheSalt | None) -> _PreparedRow:
     """Step 1 for one row: lookup, restore, capture, prefill to the last prompt token, admit the captures, copy the
     states aside."""
     ids = torch.tensor([prompt])
-    branches = tuple(sorted({_shared_prefix_len(prompt, other) for other in others}))
+    branches = _branches_for_later_rows(prompt, later, cache.store.policy.max_new_checkpoints)
     call = PrefixCall.begin(cache, ids, salt, also_branches_at=branches)
     end = len(prompt) - 1
     try:
@@ -142,7 +151,7 @@ def generate_rows(
 ) -> tuple[Any, CallRecord]:
     """Run a batched call (steps 1-3 above); returns generate's output and the call's record (one per prompt row in
     ``record.rows``)."""
-    prepared = [_prepare_row(cache, prompt, rows[:i] + rows[i + 1 :], salt) for i, prompt in enumerate(rows)]
+    prepared = [_prepare_row(cache, prompt, rows[i + 1 :], salt) for i, prompt in enumerate(rows)]
     samples = config.num_return_sequences or 1
     width = input_ids.shape[1]
     cache.reset_live()

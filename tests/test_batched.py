@@ -178,3 +178,17 @@ def test_every_family_with_attention_layers_reuses_per_row(family):
         assert torch.equal(cached.sequences, _generate(model, rows).sequences)
     assert [r.reused_tokens >= 12 for r in cached.marconi_record.rows] == [False, True, True, False]
     cache.check_invariants()
+
+
+@pytest.mark.timeout(600)
+def test_a_shared_prefix_survives_deeper_branches_between_later_rows(model):
+    """The first row shares the few-shot prefix with every later row and longer prefixes with some: the checkpoint at
+    the shared prefix is the one admitted (the policy keeps few new checkpoints per request), so every later row
+    restores at least the shared prefix in the first batch already."""
+    rng = random.Random(8)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    shots, first = _tokens(20, rng), _tokens(8, rng)
+    rows = [shots + first] + [shots + first[:k] + _tokens(3, rng) for k in (0, 2, 4, 6)]
+    cached = _generate(model, rows, cache)
+    assert torch.equal(cached.sequences, _generate(model, rows).sequences)
+    assert all(r.reused_tokens >= 20 for r in cached.marconi_record.rows[1:])
