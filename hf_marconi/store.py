@@ -186,6 +186,7 @@ class PrefixStore:
         self._stats = StoreStats(capacity_bytes=capacity_bytes)
         self._clock = 0
         self._open: dict[int, LockReceipt] = {}  # id(receipt) -> receipt of every plan not yet committed or aborted
+        self._open_inputs: dict[int, tuple[int, ...]] = {}  # id(receipt) -> the input of each request in flight
         self._generation = 0  # bumped by clear(): plans made before it hold locks on a dropped tree
         self._lock = threading.RLock()
 
@@ -215,7 +216,8 @@ class PrefixStore:
                 if node.checkpoint is not None:
                     reused = node
             reuse_len = reused.depth if reused is not None else 0
-            branches = {self._branch_point(ids, match), *(b for b in also_branches_at if reuse_len < b <= limit)}
+            extra = (*also_branches_at, *self._branches_off_requests_in_flight(ids))
+            branches = {self._branch_point(ids, match), *(b for b in extra if reuse_len < b <= limit)}
             captures = tuple(sorted({
                 p for branch in branches for p in self.policy.capture_positions(reuse_len, branch, len(ids))
             }))
@@ -223,6 +225,7 @@ class PrefixStore:
                 raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
             receipt = self._tree.lock(reused if reused is not None else self._tree.root)
             self._open[id(receipt)] = receipt
+            self._open_inputs[id(receipt)] = ids
             unresumable = max(0, min(match.matched_len, limit) - reuse_len)
             if count:
                 self._count_lookup(ids, reused, unresumable)
@@ -238,6 +241,23 @@ class PrefixStore:
                 receipt=receipt,
                 generation=self._generation,
             )
+
+    def _branches_off_requests_in_flight(self, ids: tuple[int, ...]) -> list[int]:
+        """Where ``ids`` branches off the inputs of requests planned but not committed yet (calls in other threads):
+        as the stored paths' branch point, a checkpoint there lets later requests reuse what both share, which the
+        tree cannot show until they commit. Past the policy's limit of new checkpoints per request the shallowest are
+        kept, leaving one place for the branch point against the stored paths."""
+        shared = set()
+        for other in self._open_inputs.values():
+            length = 0
+            for a, b in zip(ids, other):
+                if a != b:
+                    break
+                length += 1
+            shared.add(min(length, len(ids) - 1))  # an identical input branches at its last token, as a stored one
+        branches = sorted(shared - {0})
+        limit = self.policy.max_new_checkpoints
+        return branches if limit is None else branches[: max(limit - 1, 1)]
 
     def _branch_point(self, ids: tuple[int, ...], match) -> int | None:
         """Where inserting ``ids`` would branch off the stored paths, capped at ``len(ids) - 1``, or None.
@@ -488,6 +508,7 @@ class PrefixStore:
 
     def _release(self, receipt: LockReceipt) -> None:
         del self._open[id(receipt)]
+        self._open_inputs.pop(id(receipt), None)
         path = receipt.node.path()
         self._tree.unlock(receipt)
         for node in reversed(path):  # nodes the lock kept from folding away may fold now
@@ -505,6 +526,7 @@ class PrefixStore:
             freed = self._tree.nbytes
             self._tree = RadixTree()
             self._open.clear()
+            self._open_inputs.clear()
             self._generation += 1
             self._stats.bytes = 0
             return freed

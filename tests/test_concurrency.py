@@ -315,3 +315,28 @@ def test_clear_while_a_batched_call_is_in_flight_stores_nothing_afterwards():
     assert torch.equal(held["output"], model.generate(ids, attention_mask=mask, **fresh_cache(model), **SETTINGS))
     assert cache.store.nbytes == 0, "nothing admitted after the clear"
     cache.check_invariants()
+
+
+@pytest.mark.timeout(300)
+def test_calls_sharing_a_prefix_while_in_flight_store_their_branch_point():
+    """A call that starts while another with the same system prompt is mid-decode captures the branch point off the
+    other's prompt (the tree shows neither yet), so the next call with that system prompt restores it, as it would
+    after the same two calls run one after the other."""
+    model = build_model("bamba")
+    rng = random.Random(12)
+    cache = MarconiCache(model, capacity_bytes=32 * 2**20)
+    system = _tokens(16, rng)
+    hold, held = _HoldAtStep(step=2), {}
+    thread = _start_held_call(model, cache, system + _tokens(5, rng), hold, held)
+    try:
+        second = system + _tokens(6, rng)
+        assert model.generate(torch.tensor([second]), past_key_values=cache, **SETTINGS)[0].tolist() == \
+            _uncached(model, second)
+    finally:
+        hold.release.set()
+        thread.join(WAIT_S)
+    assert not thread.is_alive() and "error" not in held, held.get("error")
+    third = system + _tokens(4, rng)
+    out = model.generate(torch.tensor([third]), past_key_values=cache, return_dict_in_generate=True, **SETTINGS)
+    assert out.marconi_record.reused_tokens == len(system)
+    assert out.sequences[0].tolist() == _uncached(model, third)

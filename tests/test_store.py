@@ -109,6 +109,20 @@ def test_abort_releases_locks_and_changes_nothing():
         store.abort(plan)
 
 
+@pytest.mark.parametrize("policy", [MarconiPolicy(), LRUPolicy()])
+def test_a_request_branching_off_one_in_flight_captures_the_branch_point(policy):
+    """Two requests sharing a prefix run at once: the tree shows neither until one commits, so the second to plan takes
+    the branch point off the first's input (as it would off the first's stored path); a third then reuses it."""
+    store = PrefixStore(10**6, policy, QuadraticCosts(), SIZES)
+    first = store.plan((1, 2, 3, 4, 5, 6))
+    second, _ = run(store, (1, 2, 3, 4, 9, 9))
+    assert second.capture_positions == (4,)
+    store.abort(first)
+    third, _ = run(store, (1, 2, 3, 4, 7, 7))
+    assert third.reuse_len == 4
+    store.check_invariants()
+
+
 def test_locked_prefix_survives_pressure():
     store = PrefixStore(60, LRUPolicy(), QuadraticCosts(), SIZES)
     run(store, (1, 2, 3, 4))  # 22 bytes
