@@ -55,8 +55,8 @@ def test_request_gives_the_record_of_its_own_call(model):
 
 @pytest.mark.timeout(300)
 def test_each_thread_gets_the_record_of_its_own_call(model):
-    """Calls from 4 threads (serialised by the cache, interleaved by the scheduler): each output's record matches its
-    own prompt, while cache.last_call is whichever call ended last."""
+    """Calls from 4 threads at once: each output's record matches its own prompt, while cache.last_call is whichever
+    call ended last."""
     cache = MarconiCache(model, capacity_bytes=2**24)
     stored = {i: model.generate(_tokens(10 + i, 10 + i), past_key_values=cache, **SETTINGS).sequences
               for i in range(4)}
