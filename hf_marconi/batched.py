@@ -35,6 +35,7 @@ from transformers import GenerationConfig
 from . import conventions
 from .generation import CacheSalt, CallRecord, CallTimings, PrefixCall, prefill_live, store_key
 from .states import KVEdge, StateCheckpoint
+from .store import branch_points
 
 if TYPE_CHECKING:
     from .cache import MarconiCache
@@ -65,15 +66,6 @@ def why_not_batched(cache: "MarconiCache", rows: list[list[int]] | None) -> str 
     return None
 
 
-def _shared_prefix_len(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
-
-
 @dataclass
 class _PreparedRow:
     """One row after step 1: its call (lookup and capture, already admitted) and its states at its last prompt token
@@ -83,21 +75,13 @@ class _PreparedRow:
     states: tuple[KVEdge, StateCheckpoint] | None
 
 
-def _branches_for_later_rows(prompt: list[int], later: list[list[int]], limit: int | None) -> tuple[int, ...]:
-    """Where ``prompt`` branches off the rows after it in the batch: the positions a checkpoint would let them reuse
-    (earlier rows are in the store already). Past the policy's limit of new checkpoints per request, the shallowest
-    are kept: a checkpoint there serves every later row that shares at least that much."""
-    branches = sorted({_shared_prefix_len(prompt, other) for other in later} - {0})
-    # One place is left for the branch point the store finds against the stored paths.
-    return tuple(branches if limit is None else branches[: max(limit - 1, 1)])
-
-
 def _prepare_row(cache: "MarconiCache", prompt: list[int], later: list[list[int]],
                  salt: CacheSalt | None) -> _PreparedRow:
     """Step 1 for one row: lookup, restore, capture, prefill to the last prompt token, admit the captures, copy the
     states aside."""
     ids = torch.tensor([prompt])
-    branches = _branches_for_later_rows(prompt, later, cache.store.policy.max_new_checkpoints)
+    # Where it branches off the later rows (the earlier ones are in the store already).
+    branches = branch_points(prompt, later, cache.store.policy.max_new_checkpoints)
     call = PrefixCall.begin(cache, ids, salt, also_branches_at=branches)
     end = len(prompt) - 1
     try:

@@ -11,7 +11,7 @@ import heapq
 import itertools
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.tree import EdgePayload, LockReceipt, Node, Payload, RadixTree, SimulatedCheckpoint, SimulatedEdge
@@ -154,6 +154,23 @@ class TreeSnapshot:
     clock: int
 
 
+def branch_points(ids: Sequence[int], others: Iterable[Sequence[int]], limit: int | None) -> tuple[int, ...]:
+    """Where ``ids`` branches off each of ``others`` (the length of their shared prefix, at most ``len(ids) - 1``: an
+    identical input branches at its last token, as a fully stored one does), ascending. Past ``limit`` new
+    checkpoints per request, the shallowest are kept, leaving one place for the branch point against the stored
+    paths: a checkpoint at a shallow branch serves every input that shares at least that much."""
+    shared = set()
+    for other in others:
+        length = 0
+        for a, b in zip(ids, other):
+            if a != b:
+                break
+            length += 1
+        shared.add(min(length, len(ids) - 1))
+    branches = sorted(shared - {0})
+    return tuple(branches if limit is None else branches[: max(limit - 1, 1)])
+
+
 class PrefixStore:
     """Radix tree + admission/eviction policy + capacity + stats. Thread-safe (an internal RLock).
 
@@ -242,22 +259,11 @@ class PrefixStore:
                 generation=self._generation,
             )
 
-    def _branches_off_requests_in_flight(self, ids: tuple[int, ...]) -> list[int]:
+    def _branches_off_requests_in_flight(self, ids: tuple[int, ...]) -> tuple[int, ...]:
         """Where ``ids`` branches off the inputs of requests planned but not committed yet (calls in other threads):
         as the stored paths' branch point, a checkpoint there lets later requests reuse what both share, which the
-        tree cannot show until they commit. Past the policy's limit of new checkpoints per request the shallowest are
-        kept, leaving one place for the branch point against the stored paths."""
-        shared = set()
-        for other in self._open_inputs.values():
-            length = 0
-            for a, b in zip(ids, other):
-                if a != b:
-                    break
-                length += 1
-            shared.add(min(length, len(ids) - 1))  # an identical input branches at its last token, as a stored one
-        branches = sorted(shared - {0})
-        limit = self.policy.max_new_checkpoints
-        return branches if limit is None else branches[: max(limit - 1, 1)]
+        tree cannot show until they commit."""
+        return branch_points(ids, self._open_inputs.values(), self.policy.max_new_checkpoints)
 
     def _branch_point(self, ids: tuple[int, ...], match) -> int | None:
         """Where inserting ``ids`` would branch off the stored paths, capped at ``len(ids) - 1``, or None.

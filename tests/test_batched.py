@@ -192,3 +192,13 @@ def test_a_shared_prefix_survives_deeper_branches_between_later_rows(model):
     cached = _generate(model, rows, cache)
     assert torch.equal(cached.sequences, _generate(model, rows).sequences)
     assert all(r.reused_tokens >= 20 for r in cached.marconi_record.rows[1:])
+
+
+@pytest.mark.timeout(600)
+def test_identical_rows_restore_all_but_the_last_token_from_the_first(model):
+    rng = random.Random(9)
+    cache = MarconiCache(model, capacity_bytes=64 * 2**20)
+    prompt = _tokens(15, rng)
+    cached = _generate(model, [prompt] * 3, cache)
+    assert torch.equal(cached.sequences, _generate(model, [prompt] * 3).sequences)
+    assert [r.reused_tokens for r in cached.marconi_record.rows] == [0, 14, 14]
