@@ -17,7 +17,9 @@ from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.tree import EdgePayload, LockReceipt, Node, Payload, RadixTree, SimulatedCheckpoint, SimulatedEdge
 
 if TYPE_CHECKING:
-    from hf_marconi.policies.alpha import AlphaTuner
+    from hf_marconi.policies.alpha import Tuner
+
+CommitObserver = Callable[["PrefixStore", "RequestPlan", tuple[int, ...], "AdmitResult"], None]
 
 PURELY_INPUT = "purely_input"
 INPUT_OUTPUT = "input_output"
@@ -162,7 +164,8 @@ class PrefixStore:
         policy: admission and eviction (``hf_marconi.policies``).
         costs: FLOPs of extending a prefix (``hf_marconi.costs.CostModel``).
         sizes: byte sizes of one sequence's states; sizes simulated payloads (simulator, alpha tuning).
-        tuner: optional alpha tuner (retrospective bootstrapping) for policies with an ``alpha``.
+        tuner: optional alpha tuner for policies with an ``alpha`` (``hf_marconi.policies``: ``ShadowAlphaTuner``,
+            ``AlphaTuner``); it attaches itself as a commit observer.
     """
 
     def __init__(
@@ -171,7 +174,7 @@ class PrefixStore:
         policy: Policy,
         costs: CostModel,
         sizes: StateSizes,
-        tuner: "AlphaTuner | None" = None,
+        tuner: "Tuner | None" = None,
     ):
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
@@ -181,13 +184,21 @@ class PrefixStore:
         self.policy = policy
         self.costs = costs
         self.sizes = sizes
-        self.tuner = tuner
         self._tree = RadixTree()
         self._stats = StoreStats(capacity_bytes=capacity_bytes)
         self._clock = 0
         self._open: dict[int, LockReceipt] = {}  # id(receipt) -> receipt of every plan not yet committed or aborted
         self._generation = 0  # bumped by clear(): plans made before it hold locks on a dropped tree
         self._lock = threading.RLock()
+        self._observers: list[CommitObserver] = []
+        if tuner is not None:
+            tuner.attach(self)
+
+    def add_commit_observer(self, observer: CommitObserver) -> None:
+        """Call ``observer(store, plan, committed tokens, result)`` after every commit that stored into this tree,
+        with the store's lock held (alpha tuners observe the traffic this way)."""
+        with self._lock:
+            self._observers.append(observer)
 
     # ------------------------------------------------------------------------------------------------- plan
     def plan(self, input_ids: Sequence[int], also_branches_at: Sequence[int] = (), count: bool = True) -> RequestPlan:
@@ -274,11 +285,12 @@ class PrefixStore:
             stats.hit_tokens_input_output += reused.depth
 
     def checkpoint_positions(self, plan: RequestPlan, total_len: int) -> tuple[int, ...]:
-        """Every prefix length the caller should supply a checkpoint for at commit, ascending."""
+        """Every prefix length the caller should supply a checkpoint for at commit, ascending: the plan's capture
+        positions and, if the policy keeps it, the end of the ``total_len`` tokens fed."""
         if total_len < len(plan.input_ids):
             raise ValueError(f"total_len {total_len} is shorter than the input ({len(plan.input_ids)} tokens)")
-        tail = self.policy.output_positions(len(plan.input_ids), total_len)
-        return tuple(sorted(set(plan.capture_positions) | set(tail)))
+        end = (total_len,) if self.policy.keeps_end(len(plan.input_ids), total_len) else ()
+        return tuple(sorted(set(plan.capture_positions) | set(end)))
 
     # ----------------------------------------------------------------------------------------------- commit
     def commit(
@@ -316,8 +328,8 @@ class PrefixStore:
             result = self._admit(plan, seq, make_edge, checkpoints)
             self._release(plan.receipt)
             self._stats.commits += 1
-            if self.tuner is not None:
-                self.tuner.after_commit(self, plan.input_ids, seq, evicted=result.nodes_evicted > 0)
+            for observer in self._observers:
+                observer(self, plan, seq, result)
             return result
 
     def _admit(
@@ -410,7 +422,7 @@ class PrefixStore:
             candidates = [n for n in self._candidate_pool().values() if n.lock_ref == 0]
             if not candidates:
                 raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
-            victim = self.policy.choose_victim(candidates, self.costs)
+            victim = self.policy.choose_victim(candidates, self.costs, self._clock)
             freed += self._evict(victim)
             evicted += 1
         return evicted, freed
@@ -550,10 +562,15 @@ class PrefixStore:
         return plan, result
 
     def replay_request(self, input_ids: tuple[int, ...], output_ids: tuple[int, ...]) -> tuple[RequestPlan, AdmitResult]:
-        """simulate_request for a request given as input and output (the simulator, the alpha tuner): the committed
-        tokens are built here, so the check that they start with the input is not needed."""
+        """Replay a request given as input and output (the simulator) as a live generate call commits it: the input
+        and every output token but the last, which is never fed to the model."""
+        return self.replay_fed(input_ids, _as_token_tuple(output_ids)[:-1])
+
+    def replay_fed(self, input_ids: tuple[int, ...], fed: tuple[int, ...]) -> tuple[RequestPlan, AdmitResult]:
+        """simulate_request for the input followed by the tokens ``fed`` after it (the alpha tuners replay commits
+        this way); the committed tokens are built here, so the check that they start with the input is not needed."""
         plan = self.plan(input_ids)
-        seq = plan.input_ids + _as_token_tuple(output_ids)
+        seq = plan.input_ids + fed
         ckpt = SimulatedCheckpoint(self.sizes.checkpoint_bytes)
         kv = self.sizes.kv_bytes_per_token
         positions = self.checkpoint_positions(plan, len(seq))

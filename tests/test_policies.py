@@ -6,11 +6,13 @@ import pytest
 
 from hf_marconi.policies import (
     PAPER_ALPHA_GRID,
+    SHADOW_ALPHA_GRID,
     WIDE_ALPHA_GRID,
     AlphaTuner,
     BlockPolicy,
     LRUPolicy,
     MarconiPolicy,
+    ShadowAlphaTuner,
     default_policy,
     flop_efficiency,
     make_policy,
@@ -26,20 +28,23 @@ def test_paper_grid_is_0_to_2_by_tenths_and_wide_grid_reaches_far():
     assert WIDE_ALPHA_GRID[0] == 0.0 and max(WIDE_ALPHA_GRID) >= 64
 
 
-def test_default_policy_is_marconi_tuned_on_the_wide_grid_and_fresh_each_call():
+def test_default_policy_is_marconi_tuned_by_shadows_and_fresh_each_call():
     policy, tuner = default_policy()
     again, other_tuner = default_policy()
-    assert isinstance(policy, MarconiPolicy) and tuner.grid == WIDE_ALPHA_GRID
+    assert isinstance(policy, MarconiPolicy) and policy.recency == "inverse-age"
+    assert isinstance(tuner, ShadowAlphaTuner) and tuner.grid == SHADOW_ALPHA_GRID
     assert policy is not again and tuner is not other_tuner  # a tuner keeps state: never shared between stores
 
 
 def test_block_policy_checkpoints_every_block_boundary():
     policy = BlockPolicy(block_size=4)
     assert policy.capture_positions(reuse_len=4, branch_len=None, input_len=14) == (8, 12)
-    assert policy.output_positions(input_len=14, total_len=21) == (16, 20)
+    assert policy.keeps_end(input_len=14, end=20) and not policy.keeps_end(input_len=14, end=21)
     store = PrefixStore(10**6, policy, QuadraticCosts(), SIZES)
     _, result = run(store, tuple(range(10)), (50, 51, 52))
-    assert result.new_checkpoints == (4, 8, 12) and result.new_tokens == 12  # tokens past the last block are dropped
+    assert result.new_checkpoints == (4, 8) and result.new_tokens == 8  # no state at 12: decoding passed it
+    _, result = run(store, tuple(range(10)), (50, 51))
+    assert result.new_checkpoints == (12,) and result.new_tokens == 4  # the end of what was fed, on a boundary
     plan, _ = run(store, tuple(range(10)) + (50, 51, 52, 53))
     assert plan.reuse_len == 12
 
@@ -196,7 +201,7 @@ def test_efficiency_memo_follows_checkpoints_above_a_branch_point():
         tree.set_checkpoint(leaf, SimulatedCheckpoint(7), "input_output", clock=0)
 
     def memos_are_fresh():
-        policy.choose_victim(leaves, costs)  # fills the memos
+        policy.choose_victim(leaves, costs, clock=0)  # fills the memos
         return all(leaf.score_cache == flop_efficiency(leaf, costs) for leaf in leaves)
 
     assert memos_are_fresh()

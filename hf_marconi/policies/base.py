@@ -32,8 +32,9 @@ class Policy(Protocol):
         the branch point speculative insertion found (already capped at ``input_len - 1``), or None."""
         ...
 
-    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
-        """Prefix lengths in ``[input_len, total_len]`` to checkpoint after decoding, ascending."""
+    def keeps_end(self, input_len: int, end: int) -> bool:
+        """Whether to checkpoint the end of the fed sequence (``end`` tokens: the input and every generated token but
+        the last, which is never fed). A live call can take a state there and nowhere else during decoding."""
         ...
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
@@ -44,7 +45,7 @@ class Policy(Protocol):
         """Refresh recency after a commit stored a sequence along ``path`` (new nodes already carry ``clock``)."""
         ...
 
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         """The candidate to evict next (``candidates`` is non-empty)."""
         ...
 

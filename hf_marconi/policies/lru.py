@@ -35,7 +35,7 @@ class LRUEviction:
     def priority(self, node: Node) -> tuple[int, int]:
         return recency_priority(node)
 
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         return least_recent(candidates)
 
 
@@ -52,6 +52,6 @@ class LRUPolicy(LRUEviction):
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
         return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
 
-    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
-        return (total_len,)
+    def keeps_end(self, input_len: int, end: int) -> bool:
+        return True
 

@@ -51,6 +51,22 @@ def _cached_efficiency(node: Node, costs: CostModel) -> float:
     return node.score_cache  # type: ignore[return-value]
 
 
+RECENCY_SCORES = ("inverse-age", "linear")
+
+
+def recency_scores(last_access: list[float], clock: int, kind: str) -> list[float]:
+    """Recency of each candidate, min-max normalised (1 = most recent).
+
+    ``"inverse-age"`` (the default, as in the authors' simulator): 1 / (clock + 1 - last_access). It keeps the few
+    most recently used nodes near 1 and packs every older node near 0, so among the old nodes FLOP efficiency decides
+    at an alpha near 1 whatever the trace's length or request rate. ``"linear"``: the last access itself; its scale is
+    the span between the oldest and newest candidate, so the alpha at which efficiency starts to matter moves with
+    the load (16-256 on the issue-13 traces)."""
+    if kind == "linear":
+        return _normalise(last_access)
+    return _normalise([1.0 / (clock + 1 - t) for t in last_access])
+
+
 def _normalise(values: list[float]) -> list[float]:
     """Min-max to [0, 1]; all equal (or a single value) maps to 1."""
     low, high = min(values), max(values)
@@ -66,11 +82,13 @@ class MarconiPolicy:
 
     Admission: a checkpoint at the branch point speculative insertion finds (purely-input reuse) and one after the last
     token of the sequence (input+output reuse): at most two per request. Eviction: among nodes with at most one child,
-    the lowest ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates). Only the reused
-    node's recency is refreshed on a hit. ``alpha`` may be changed between requests by an alpha tuner.
+    the lowest ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates; recency per
+    ``recency``, see :func:`recency_scores`). Only the reused node's recency is refreshed on a hit. ``alpha`` may be
+    changed between requests by an alpha tuner.
     """
 
     alpha: float = 0.0
+    recency: str = "inverse-age"
     name: str = "marconi"
     max_new_checkpoints: int | None = 2
     evicts_leaves_only: bool = False
@@ -79,12 +97,14 @@ class MarconiPolicy:
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ValueError(f"alpha weighs FLOP efficiency against recency and must be >= 0, got {self.alpha}")
+        if self.recency not in RECENCY_SCORES:
+            raise ValueError(f"unknown recency score {self.recency!r}; choose one of {RECENCY_SCORES}")
 
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
         return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
 
-    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
-        return (total_len,)
+    def keeps_end(self, input_len: int, end: int) -> bool:
+        return True
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         if reused is not None:
@@ -93,11 +113,10 @@ class MarconiPolicy:
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         return None  # the nodes and checkpoints a commit creates carry the clock already
 
-
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         if len(candidates) == 1:
             return candidates[0]
-        recency = _normalise([float(n.last_access) for n in candidates])
+        recency = recency_scores([float(n.last_access) for n in candidates], clock, self.recency)
         if self.alpha == 0:
             scores = recency
         else:
