@@ -3,6 +3,7 @@
     python -m eval.bench_default                      # all ten rows, two worker processes
     python -m eval.bench_default --rows swe:20 bbh:1  # some rows only
     python -m eval.bench_default --static-grid 16 64 256 --workers 1
+    python -m eval.bench_default --compare previous shadow-linear   # where the default's gain comes from
 
 Every row is a trace built the paper's way (GPT-2 tokens, sessions cut at 32,768 input tokens, agent responses drawn
 as Poisson(7.5 s) whole seconds as in the authors' artifact) at one capacity, with the paper's 7B hybrid. For each row
@@ -21,7 +22,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from hf_marconi.policies import WIDE_ALPHA_GRID, BlockPolicy, LRUPolicy, MarconiPolicy, default_policy
+from hf_marconi.policies import (
+    WIDE_ALPHA_GRID,
+    AlphaTuner,
+    BlockPolicy,
+    LRUPolicy,
+    MarconiPolicy,
+    Policy,
+    ShadowAlphaTuner,
+    Tuner,
+    default_policy,
+)
 from hf_marconi.presets import preset
 from hf_marconi.simulator import simulate
 from hf_marconi.trace import Request
@@ -62,11 +73,21 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+# Other (policy, tuner) pairs to set beside the default (--compare), each differing from it in one respect or more.
+COMPARISONS = {
+    # the default before issue 13: linear recency, retrospective bootstrapping once over the wide grid
+    "previous": lambda: (MarconiPolicy(recency="linear", repeat_threshold=None), AlphaTuner(grid=WIDE_ALPHA_GRID)),
+    "shadow-linear": lambda: (MarconiPolicy(recency="linear"), ShadowAlphaTuner()),  # the default, linear recency
+    "bootstrap": lambda: (MarconiPolicy(), AlphaTuner(grid=WIDE_ALPHA_GRID)),  # the default, tuned the old way
+    "no-repeat-rule": lambda: (MarconiPolicy(repeat_threshold=None), ShadowAlphaTuner()),
+}
+
+
 @dataclass(frozen=True)
 class Job:
     trace: str
     options: tuple[tuple[str, Any], ...]
-    label: str  # "default", "sglang+", "vllm+", "alpha=<a>", "ceiling"
+    label: str  # "default", "sglang+", "vllm+", "alpha=<a>", "ceiling", or a key of COMPARISONS
     capacity_bytes: int
 
 
@@ -76,9 +97,12 @@ _TRACES: dict[tuple[str, tuple[tuple[str, Any], ...]], list[Request]] = {}  # bu
 def _run(job: Job) -> tuple[Job, float, dict[str, Any]]:
     """Replay one job; returns it with its token hit rate (percent) and details."""
     costs = preset(PRESET)
-    tuner = None
+    tuner: Tuner | None = None
+    policy: Policy
     if job.label == "default":
         policy, tuner = default_policy()
+    elif job.label in COMPARISONS:
+        policy, tuner = COMPARISONS[job.label]()
     elif job.label in ("sglang+", "ceiling"):
         policy = LRUPolicy()  # with unlimited capacity nothing is evicted: the ceiling of Marconi's admission
     elif job.label == "vllm+":
@@ -91,16 +115,16 @@ def _run(job: Job) -> tuple[Job, float, dict[str, Any]]:
                                                      "final_alpha": result.stats.alpha}
 
 
-def jobs_for(rows: Sequence[Row], static_grid: Sequence[float]) -> list[Job]:
+def jobs_for(rows: Sequence[Row], static_grid: Sequence[float], compare: Sequence[str] = ()) -> list[Job]:
     jobs: list[Job] = []
     for trace_key in dict.fromkeys(r.trace_key for r in rows):
         jobs.append(Job(*trace_key, "ceiling", UNLIMITED))
     for row in rows:
         cap = int(row.capacity_gb * GB)
-        labels = ["default", "sglang+", "vllm+"] + [f"alpha={a:g}" for a in static_grid]
+        labels = ["default", *compare, "sglang+", "vllm+"] + [f"alpha={a:g}" for a in static_grid]
         jobs.extend(Job(row.trace, row.options, label, cap) for label in labels)
     # The long replays first so the workers finish together (vLLM+ churns many nodes, the default tunes).
-    return sorted(jobs, key=lambda j: (j.label not in ("vllm+", "default"), -j.capacity_bytes))
+    return sorted(jobs, key=lambda j: (j.label.startswith("alpha=") or j.label == "sglang+", -j.capacity_bytes))
 
 
 def verdict(row: Row, default: float, sglang: float, ceiling: float) -> str:
@@ -113,7 +137,7 @@ def verdict(row: Row, default: float, sglang: float, ceiling: float) -> str:
     return "ok" if not fails else "; ".join(fails)
 
 
-def format_table(rows: Sequence[Row], results: dict[tuple[str, int], tuple[float, dict[str, Any]]],
+def format_table(rows: Sequence[Row], results: dict[tuple[str, int, str], tuple[float, dict[str, Any]]],
                  ceilings: dict[tuple[str, tuple], float], static_grid: Sequence[float]) -> str:
     header = (f"{'row':<12} {'ceiling':>7} {'anchor':>6} {'default':>7} {'x anch':>6} {'sglang+':>7} {'vllm+':>6} "
               f"{'best static':>13} {'alphas tuned':<22} verdict")
@@ -134,11 +158,25 @@ def format_table(rows: Sequence[Row], results: dict[tuple[str, int], tuple[float
     return "\n".join(lines)
 
 
+def format_comparison(rows: Sequence[Row], results: dict[tuple[str, int, str], tuple[float, dict[str, Any]]],
+                      compare: Sequence[str]) -> str:
+    """The default's token hit rate beside each comparison's (percent)."""
+    header = f"{'row':<12} {'default':>8} " + " ".join(f"{label:>15}" for label in compare)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cap = int(row.capacity_gb * GB)
+        cells = " ".join(f"{results[(label, cap, row.trace)][0]:>15.2f}" for label in compare)
+        lines.append(f"{row.key:<12} {results[('default', cap, row.trace)][0]:>8.2f} {cells}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=[r.key for r in ROWS], choices=[r.key for r in ROWS])
     parser.add_argument("--static-grid", type=float, nargs="*", default=list(WIDE_ALPHA_GRID),
                         help="static alphas to replay for the best-static column (none: skip it)")
+    parser.add_argument("--compare", nargs="*", default=[], choices=sorted(COMPARISONS),
+                        help="other (policy, tuner) pairs to replay beside the default (a second table)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -151,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for row in rows:
         if row.trace_key not in _TRACES:
             _TRACES[row.trace_key] = build_trace(row.trace, **dict(row.options))
-    jobs = jobs_for(rows, args.static_grid)
+    jobs = jobs_for(rows, args.static_grid, args.compare)
     if args.workers == 1:
         done = [_run(j) for j in jobs]
     else:
@@ -163,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"token hit rates (%), {PRESET}, GPT-2 tokens, 32K cut, Poisson({MEAN_RESPONSE_S:g} s) agent gaps; "
           f"default = hf_marconi.policies.default_policy()")
     print(format_table(rows, results, ceilings, args.static_grid))
+    if args.compare:
+        print(format_comparison(rows, results, args.compare))
     print("default replay wall (s): " + ", ".join(f"{k} {v:.1f}" for k, v in default_wall.items()))
     cpu = os.times()
     print(f"{len(jobs)} replays in {time.perf_counter() - start:.0f}s wall on {args.workers} worker(s), "

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 CommitObserver = Callable[["PrefixStore", "RequestPlan", tuple[int, ...], "AdmitResult"], None]
 
+# Lookups after which a repeated prompt's weight in the store's repeat rate has halved (the rate admission reads).
+REPEAT_HALF_LIFE = 200
+
 PURELY_INPUT = "purely_input"
 INPUT_OUTPUT = "input_output"
 
@@ -88,6 +91,7 @@ class StoreStats:
     # not be resumed (a recurrent state exists only at checkpoints). What users of hybrid prefix caching ask first.
     unresumable_lookups: int = 0
     unresumable_tokens: int = 0
+    repeated_lookups: int = 0  # lookups whose whole prompt was stored already (a repeated prompt)
     commits: int = 0
     kv_tokens_admitted: int = 0
     checkpoints_admitted: int = 0
@@ -189,6 +193,7 @@ class PrefixStore:
         self._clock = 0
         self._open: dict[int, LockReceipt] = {}  # id(receipt) -> receipt of every plan not yet committed or aborted
         self._generation = 0  # bumped by clear(): plans made before it hold locks on a dropped tree
+        self._repeat_rate = 0.0  # decayed share of lookups that found their whole prompt stored (REPEAT_HALF_LIFE)
         self._lock = threading.RLock()
         self._observers: list[CommitObserver] = []
         if tuner is not None:
@@ -228,7 +233,8 @@ class PrefixStore:
             reuse_len = reused.depth if reused is not None else 0
             branches = {self._branch_point(ids, match), *(b for b in also_branches_at if reuse_len < b <= limit)}
             captures = tuple(sorted({
-                p for branch in branches for p in self.policy.capture_positions(reuse_len, branch, len(ids))
+                p for branch in branches
+                for p in self.policy.capture_positions(reuse_len, branch, len(ids), repeat_rate=self._repeat_rate)
             }))
             if any(not reuse_len < p <= limit for p in captures) or list(captures) != sorted(set(captures)):
                 raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
@@ -236,7 +242,7 @@ class PrefixStore:
             self._open[id(receipt)] = receipt
             unresumable = max(0, min(match.matched_len, limit) - reuse_len)
             if count:
-                self._count_lookup(ids, reused, unresumable)
+                self._count_lookup(ids, reused, unresumable, repeated=match.matched_len == len(ids))
             return RequestPlan(
                 input_ids=ids,
                 reuse_len=reuse_len,
@@ -264,9 +270,12 @@ class PrefixStore:
             return matched
         return None
 
-    def _count_lookup(self, ids: tuple[int, ...], reused: Node | None, unresumable: int) -> None:
+    def _count_lookup(self, ids: tuple[int, ...], reused: Node | None, unresumable: int, repeated: bool) -> None:
         stats = self._stats
         stats.lookups += 1
+        stats.repeated_lookups += repeated
+        decay = 0.5 ** (1 / REPEAT_HALF_LIFE)
+        self._repeat_rate = decay * self._repeat_rate + (1 - decay) * repeated
         if unresumable:
             stats.unresumable_lookups += 1
             stats.unresumable_tokens += unresumable

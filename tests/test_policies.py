@@ -209,3 +209,27 @@ def test_efficiency_memo_follows_checkpoints_above_a_branch_point():
     assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()
     tree.set_checkpoint(branch, SimulatedCheckpoint(7), "purely_input", clock=0)  # and now to the branch point
     assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()
+
+
+def test_marconi_hits_a_repeated_prompt_on_its_second_occurrence_once_repeats_are_common():
+    store = PrefixStore(10**9, MarconiPolicy(), QuadraticCosts(), SIZES)
+    second_hits = []
+    for k in range(60):  # every prompt sent twice in a row: half of all lookups are repeats
+        prompt = tuple(range(10_000 * (k + 1), 10_000 * (k + 1) + 12))
+        run(store, prompt, (7, 8))
+        plan, _ = run(store, prompt, (7, 8))
+        second_hits.append(plan.reuse_len)
+    assert second_hits[0] == 0  # no repeat seen yet: the 2nd occurrence only gets the checkpoint, as in the paper
+    assert second_hits[-1] == 11  # the prompt's end was checkpointed on its first occurrence
+    assert store.stats().repeated_lookups == 60
+
+
+def test_marconi_takes_no_prompt_end_checkpoint_without_repeats():
+    store = PrefixStore(10**9, MarconiPolicy(), QuadraticCosts(), SIZES)
+    for inp, tokens in _agentic_trace():
+        plan = store.plan(inp)
+        assert plan.capture_positions in ((), (40,), (41,))  # at most the shared system prompt's branch point
+        store.abort(plan)
+        store.simulate_request(inp, tokens)
+    assert store.stats().repeated_lookups == 0
+    assert MarconiPolicy(repeat_threshold=None).capture_positions(0, None, 10, repeat_rate=1.0) == ()

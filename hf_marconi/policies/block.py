@@ -31,7 +31,8 @@ class BlockPolicy(LRUEviction):
         first = (low // self.block_size + 1) * self.block_size
         return tuple(range(first, high + 1, self.block_size))
 
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
+                          repeat_rate: float = 0.0) -> tuple[int, ...]:
         return self._boundaries(reuse_len, input_len - 1)
 
     def keeps_end(self, input_len: int, end: int) -> bool:

@@ -15,7 +15,8 @@ class NoCachePolicy:
     evicts_leaves_only = True
     per_node_priority = False
 
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
+                          repeat_rate: float = 0.0) -> tuple[int, ...]:
         return ()
 
     def keeps_end(self, input_len: int, end: int) -> bool:
