@@ -12,12 +12,15 @@ from hf_marconi.policies import (
     BlockPolicy,
     LRUPolicy,
     MarconiPolicy,
+    NoCachePolicy,
     ShadowAlphaTuner,
     default_policy,
     flop_efficiency,
     make_policy,
     oracle_alpha,
 )
+from hf_marconi.policies.base import branch_point
+from hf_marconi.policies.marconi import recency_scores
 from hf_marconi.store import PrefixStore
 from hf_marconi.tree import RadixTree, SimulatedCheckpoint, SimulatedEdge
 from tests.test_store import SIZES, QuadraticCosts, run
@@ -233,3 +236,40 @@ def test_marconi_takes_no_prompt_end_checkpoint_without_repeats():
         store.simulate_request(inp, tokens)
     assert store.stats().repeated_lookups == 0
     assert MarconiPolicy(repeat_threshold=None).capture_positions(0, None, 10, repeat_rate=1.0) == ()
+
+
+def test_branch_point_admission_in_isolation():
+    assert branch_point(reuse_len=4, branch_len=9) == (9,)
+    assert branch_point(reuse_len=9, branch_len=9) == ()  # already resumable there
+    assert branch_point(reuse_len=0, branch_len=None) == ()
+    for policy in (MarconiPolicy(), LRUPolicy()):
+        assert policy.capture_positions(4, 9, 20) == (9,)
+
+
+def test_sequence_end_admission_of_every_policy():
+    assert MarconiPolicy().keeps_end(10, 17) and LRUPolicy().keeps_end(10, 17)
+    assert BlockPolicy(block_size=8).keeps_end(10, 16) and not BlockPolicy(block_size=8).keeps_end(10, 17)
+    assert not NoCachePolicy().keeps_end(10, 16)
+
+
+def test_inverse_age_recency_protects_the_newest_and_flattens_the_old():
+    last_access = [1.0, 50.0, 90.0, 99.0, 100.0]
+    inverse = recency_scores(last_access, clock=100, kind="inverse-age")
+    linear = recency_scores(last_access, clock=100, kind="linear")
+    assert inverse[-1] == linear[-1] == 1.0 and inverse[0] == linear[0] == 0.0
+    assert inverse[2] < 0.1 < 0.85 < linear[2]  # ten requests old: already near the oldest under 1 / age
+    assert inverse == sorted(inverse) and linear == sorted(linear)
+
+
+def test_marconi_eviction_weighs_efficiency_by_alpha_in_isolation():
+    tree, costs = RadixTree(), QuadraticCosts()
+    old_long = tree.add_leaf(tree.root, tuple(range(40)), SimulatedEdge(40, 5), clock=1)
+    tree.set_checkpoint(old_long, SimulatedCheckpoint(7), "input_output", clock=1)
+    new_short = tree.add_leaf(tree.root, (100, 101), SimulatedEdge(2, 5), clock=9)
+    tree.set_checkpoint(new_short, SimulatedCheckpoint(7), "input_output", clock=9)
+    candidates = [old_long, new_short]
+    assert flop_efficiency(old_long, costs) > flop_efficiency(new_short, costs)
+    assert MarconiPolicy(alpha=0.0).choose_victim(candidates, costs, clock=10) is old_long  # recency alone
+    assert MarconiPolicy(alpha=2.0).choose_victim(candidates, costs, clock=10) is new_short  # efficiency wins
+    with pytest.raises(ValueError, match="recency"):
+        MarconiPolicy(recency="lfu")
