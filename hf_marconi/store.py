@@ -7,12 +7,11 @@ through :meth:`PrefixStore.plan` (look up and lock the reusable prefix, choose p
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from hf_marconi.eviction import HeapOrder, ScanOrder, VictimOrder
 from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.tree import EdgePayload, LockReceipt, Node, Payload, RadixTree, SimulatedCheckpoint, SimulatedEdge
 
@@ -424,49 +423,21 @@ class PrefixStore:
 
     def _evict_until(self, budget: int) -> tuple[int, int]:
         """Evict per policy until the tree holds at most ``budget`` bytes; returns (nodes evicted, bytes freed)."""
-        if self.policy.per_node_priority:
-            return self._evict_by_priority(budget)
         tree, evicted, freed = self._tree, 0, 0
+        order: VictimOrder = (HeapOrder(tree, self.policy) if self.policy.per_node_priority
+                              else ScanOrder(tree, self.policy, self.costs, self._clock))
         while tree.nbytes > budget:
-            candidates = [n for n in self._candidate_pool().values() if n.lock_ref == 0]
-            if not candidates:
+            victim = order.next_victim()
+            if victim is None:
                 raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
-            victim = self.policy.choose_victim(candidates, self.costs, self._clock)
-            freed += self._evict(victim)
-            evicted += 1
-        return evicted, freed
-
-    def _candidate_pool(self) -> dict[int, Node]:
-        return self._tree.leaves if self.policy.evicts_leaves_only else self._tree.thin
-
-    def _is_candidate(self, node: Node) -> bool:
-        return not node.children if self.policy.evicts_leaves_only else len(node.children) <= 1
-
-    def _evict_by_priority(self, budget: int) -> tuple[int, int]:
-        """Same victims as repeated ``choose_victim`` for a policy whose order is a per-node priority, from a heap:
-        O(log candidates) per victim, which matters when every 32-token block is a node (vLLM+)."""
-        tree, policy = self._tree, self.policy
-        priority = policy.priority  # type: ignore[attr-defined]
-        order = itertools.count()  # keeps tuples comparable when a node is pushed twice with the same key
-        heap = [(priority(n), next(order), n) for n in self._candidate_pool().values() if n.lock_ref == 0]
-        heapq.heapify(heap)
-        evicted, freed = 0, 0
-        while tree.nbytes > budget:
-            if not heap:
-                raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
-            key, _, victim = heapq.heappop(heap)
-            stale = victim.parent is None or victim.lock_ref or not self._is_candidate(victim) or priority(victim) != key
-            if stale:
-                continue
-            # Eviction may fold checkpoint-less ancestors away; the first one holding a checkpoint (or the root) stays
-            # and may have become a candidate.
+            # Eviction may fold checkpoint-less ancestors away; the first one holding a checkpoint (or the root) stays.
             survivor = victim.parent
+            assert survivor is not None
             while survivor.parent is not None and survivor.checkpoint is None:
                 survivor = survivor.parent
             freed += self._evict(victim)
             evicted += 1
-            if survivor.parent is not None and survivor.lock_ref == 0 and self._is_candidate(survivor):
-                heapq.heappush(heap, (priority(survivor), next(order), survivor))
+            order.after_eviction(survivor)
         return evicted, freed
 
     def _evict(self, victim: Node) -> int:
