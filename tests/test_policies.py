@@ -34,7 +34,7 @@ def test_paper_grid_is_0_to_2_by_tenths_and_wide_grid_reaches_far():
 def test_default_policy_is_marconi_tuned_by_shadows_and_fresh_each_call():
     policy, tuner = default_policy()
     again, other_tuner = default_policy()
-    assert isinstance(policy, MarconiPolicy) and policy.recency == "inverse-age"
+    assert isinstance(policy, MarconiPolicy) and policy.recency == "linear"
     assert isinstance(tuner, ShadowAlphaTuner) and tuner.grid == SHADOW_ALPHA_GRID
     assert policy is not again and tuner is not other_tuner  # a tuner keeps state: never shared between stores
 

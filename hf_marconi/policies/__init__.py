@@ -39,8 +39,8 @@ def make_policy(name: str, **kwargs) -> Policy:
 
 
 def default_policy() -> tuple[Policy, Tuner]:
-    """The policy a ``MarconiCache`` runs when given none, and its alpha tuner: Marconi with inverse-age recency, alpha
-    tuned online by shadow replays over :data:`SHADOW_ALPHA_GRID` (:class:`ShadowAlphaTuner`).
+    """The policy a ``MarconiCache`` runs when given none, and its alpha tuner: Marconi, alpha tuned online by shadow
+    replays over :data:`SHADOW_ALPHA_GRID` (:class:`ShadowAlphaTuner`).
 
     The capacity planner (``python -m eval plan``) replays traces through exactly this pair, so a plan and a live
     cache built with defaults cannot drift apart. Each call returns fresh objects (a tuner keeps state)."""

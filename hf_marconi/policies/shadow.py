@@ -25,9 +25,9 @@ from hf_marconi.policies.marconi import MarconiPolicy
 if TYPE_CHECKING:
     from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan
 
-# The best static alphas of the issue-13 rows (inverse-age recency, python -m eval.bench_default) lie in 16..128, with 0
-# (recency alone) for traces where efficiency does not tell entries apart.
-SHADOW_ALPHA_GRID: tuple[float, ...] = (0.0, 4.0, 16.0, 32.0, 64.0, 128.0)
+# Recency alone and four weights a factor of 4 apart: with linear recency the useful alpha lies in 16..256 and moves
+# with load (python -m eval.bench_default); this grid scored best of the five compared there, with the fewest shadows.
+SHADOW_ALPHA_GRID: tuple[float, ...] = (0.0, 8.0, 32.0, 128.0, 512.0)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class ShadowAlphaTuner:
         if store.policy.alpha is None:
             raise ValueError(f"policy {store.policy.name!r} has no alpha to tune; use MarconiPolicy")
         snapshot = store.snapshot()
-        recency = getattr(store.policy, "recency", "inverse-age")
+        recency = getattr(store.policy, "recency", "linear")
         self._shadows = [
             PrefixStore.from_snapshot(snapshot, store.capacity_bytes, MarconiPolicy(alpha=a, recency=recency),
                                       store.costs, store.sizes)
