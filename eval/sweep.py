@@ -1,9 +1,9 @@
 """Simulated replay sweeps: policies x capacities x traces x model presets, in parallel processes.
 
-For every (trace, preset) the sweep first replays the trace with unlimited capacity under Marconi's admission
-(SGLang+ never evicts there, so it is the same as Marconi): the peak bytes of that run are the *footprint*, the
-bytes of every state Marconi's admission would keep, and its hit rate is the ceiling of any policy with that
-admission. The capacities of the trace are fractions of the footprint (default 5%, 15% and 40%: heavy, medium
+For every (trace, preset) the sweep first replays the trace with unlimited capacity under SGLang+ (which never evicts
+there): the peak bytes of that run are the *footprint*, the bytes of every state the branch-point-and-end admission
+would keep, and its hit rate is the ceiling of any policy with that admission (Marconi's repeat rule, which also
+checkpoints prompt ends on traces that repeat prompts, can exceed it). The capacities of the trace are fractions of the footprint (default 5%, 15% and 40%: heavy, medium
 and light pressure), rounded to MB and reported in GB, so every trace sees the same pressure levels whatever its
 size. Every (policy variant, capacity) is then one run of :func:`replay`, which records each request's reused
 prefix length so that TTFT can be modelled from a prefill profile (:mod:`eval.ttft`).
