@@ -34,6 +34,7 @@ DPI = 160
 # Marconi is drawn thin and on top, SGLang+ as a wide translucent band beneath: where the two coincide (often), the
 # red line runs inside the blue band, and neither hides the other.
 STYLE: dict[str, dict[str, Any]] = {
+    "default": {"color": "tab:brown", "marker": "D", "linewidth": 1.8, "markersize": 5, "zorder": 7},
     "marconi": {"color": "tab:red", "marker": "o", "linewidth": 1.8, "markersize": 5, "zorder": 6},
     "marconi-wide": {"color": "tab:orange", "marker": "s", "linestyle": "--", "linewidth": 1.6,
                      "markerfacecolor": "none", "markersize": 8, "zorder": 5},

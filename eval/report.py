@@ -141,8 +141,9 @@ def render(result: dict[str, Any], profile: PrefillProfile, measured: dict | Non
     lines.append("- Agent response gaps (swebench, tau): " + arrival_convention(spec["trace_options"]) + ".")
     lines.append(f"- Model presets: {', '.join(spec['presets'])} (state sizes and FLOPs from `hf_marconi.costs`).")
     lines.append("- Capacities: " + ", ".join(f"{f:.0%}" for f in spec["fractions"]) + " of each trace's "
-                 "footprint, the peak bytes of a replay with unlimited capacity under Marconi's admission "
-                 "(column *unlimited*: the ceiling of that admission). Footprints (GB): "
+                 "footprint, the peak bytes of a replay with unlimited capacity under SGLang+'s admission (branch "
+                 "point and sequence end; column *unlimited*: its ceiling, which Marconi's repeat rule can exceed "
+                 "where prompts repeat, as on oasst). Footprints (GB): "
                  + ", ".join(f"{k.split('/')[0]} {v:,.1f}" for k, v in result["footprints_gb"].items()) + ".")
     lines.append("- Policies: " + "; ".join(f"**{k}**: {v}" for k, v in spec["variant_descriptions"].items())
                  + f". The oracle runs only on traces with at most {spec['oracle_max_tokens']:,} input tokens.")

@@ -1,14 +1,15 @@
 """Simulated replay sweeps: policies x capacities x traces x model presets, in parallel processes.
 
-For every (trace, preset) the sweep first replays the trace with unlimited capacity under Marconi's admission
-(SGLang+ never evicts there, so it is the same as Marconi): the peak bytes of that run are the *footprint*, the
-bytes of every state Marconi's admission would keep, and its hit rate is the ceiling of any policy with that
-admission. The capacities of the trace are fractions of the footprint (default 5%, 15% and 40%: heavy, medium
+For every (trace, preset) the sweep first replays the trace with unlimited capacity under SGLang+ (which never evicts
+there): the peak bytes of that run are the *footprint*, the bytes of every state the branch-point-and-end admission
+would keep, and its hit rate is the ceiling of any policy with that admission (Marconi's repeat rule, which also
+checkpoints prompt ends on traces that repeat prompts, can exceed it). The capacities of the trace are fractions of the footprint (default 5%, 15% and 40%: heavy, medium
 and light pressure), rounded to MB and reported in GB, so every trace sees the same pressure levels whatever its
 size. Every (policy variant, capacity) is then one run of :func:`replay`, which records each request's reused
 prefix length so that TTFT can be modelled from a prefill profile (:mod:`eval.ttft`).
 
-Policy variants (:data:`VARIANTS`): ``marconi`` (alpha tuned by retrospective bootstrapping over the paper's grid
+Policy variants (:data:`VARIANTS`): ``default`` (:func:`hf_marconi.policies.default_policy`, what a ``MarconiCache``
+and the planner run: alpha tuned online by shadow replays), ``marconi`` (alpha tuned by retrospective bootstrapping over the paper's grid
 0..2), ``marconi-wide`` (the same over a logarithmic grid up to 128), ``marconi-oracle`` (the best static alpha
 of the wide grid for the whole trace, found by replaying it once per alpha; run only on traces with at most
 ``oracle_max_tokens`` input tokens), ``sglang+``, ``vllm+`` (32-token blocks) and ``no-cache``.
@@ -27,8 +28,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from hf_marconi.presets import preset
-from hf_marconi.policies import PAPER_ALPHA_GRID, WIDE_ALPHA_GRID, AlphaTuner, make_policy, oracle_alpha
-from hf_marconi.simulator import replay_order
+from hf_marconi.policies import (
+    PAPER_ALPHA_GRID,
+    WIDE_ALPHA_GRID,
+    AlphaTuner,
+    Tuner,
+    default_policy,
+    make_policy,
+    oracle_alpha,
+)
+from hf_marconi.simulator import fed_output, replay_one, replay_order
 from hf_marconi.store import PrefixStore
 from hf_marconi.trace import Request
 
@@ -48,11 +57,14 @@ class PolicyVariant:
     tuning_grid: tuple[float, ...] | None = None
     oracle_grid: tuple[float, ...] | None = None
     description: str = ""
+    from_default: bool = False  # policy and tuner from hf_marconi.policies.default_policy()
 
 
 VARIANTS: dict[str, PolicyVariant] = {
     v.label: v
     for v in (
+        PolicyVariant("default", "marconi", from_default=True,
+                      description="hf_marconi.policies.default_policy(): Marconi, alpha tuned online by shadow replays"),
         PolicyVariant("marconi", "marconi", tuning_grid=PAPER_ALPHA_GRID,
                       description="Marconi, alpha tuned on the paper's grid 0, 0.1, ..., 2"),
         PolicyVariant("marconi-wide", "marconi", tuning_grid=WIDE_ALPHA_GRID,
@@ -64,7 +76,7 @@ VARIANTS: dict[str, PolicyVariant] = {
         PolicyVariant("no-cache", "no-cache", description="nothing is cached"),
     )
 }
-DEFAULT_VARIANTS: tuple[str, ...] = ("marconi", "marconi-wide", "marconi-oracle", "sglang+", "vllm+", "no-cache")
+DEFAULT_VARIANTS: tuple[str, ...] = ("default", "marconi", "marconi-wide", "marconi-oracle", "sglang+", "vllm+", "no-cache")
 
 
 @dataclass(frozen=True)
@@ -150,14 +162,16 @@ def replay(
     extra: dict[str, Any] = {}
     started = time.perf_counter()
     if variant.oracle_grid is not None:
-        pairs = [(r.input_ids, r.input_ids + r.output_ids) for r in ordered]
+        pairs = [(r.input_ids, r.input_ids + fed_output(r)) for r in ordered]
         alpha, by_alpha = oracle_alpha(pairs, capacity_bytes, costs, sizes, grid=variant.oracle_grid)
         extra["oracle_alpha"] = alpha
         extra["oracle_hit_rates"] = {str(a): s.token_hit_rate for a, s in by_alpha.items()}
         policy = make_policy(variant.policy, alpha=alpha)
     else:
         policy = make_policy(variant.policy)
-    tuner = AlphaTuner(grid=variant.tuning_grid) if variant.tuning_grid is not None else None
+    tuner: Tuner | None = AlphaTuner(grid=variant.tuning_grid) if variant.tuning_grid is not None else None
+    if variant.from_default:
+        policy, tuner = default_policy()
     store = PrefixStore(capacity_bytes, policy, costs, sizes, tuner=tuner)
     reused, inputs = replay_store(store, ordered)
     stats = store.stats().asdict()
@@ -173,7 +187,7 @@ def replay_store(store: PrefixStore, ordered: Sequence[Request]) -> tuple[np.nda
     reused = np.empty(len(ordered), dtype=np.int64)
     inputs = np.empty(len(ordered), dtype=np.int64)
     for index, request in enumerate(ordered):
-        plan, _ = store.replay_request(request.input_ids, request.output_ids)
+        plan, _ = replay_one(store, request)
         reused[index] = plan.reuse_len
         inputs[index] = len(request.input_ids)
     return reused, inputs
@@ -244,7 +258,8 @@ def _execute(runs: Sequence[Run], spec: SweepSpec, profile: Any | None, progress
     return [row for row in rows if row is not None]
 
 
-_COST_ORDER = {"vllm+": 0, "marconi-oracle": 1, "marconi-wide": 2, "marconi": 3, "sglang+": 4, "no-cache": 5}
+_COST_ORDER = {"vllm+": 0, "marconi-oracle": 1, "default": 2, "marconi-wide": 3, "marconi": 4, "sglang+": 5,
+               "no-cache": 6}
 
 
 def plan_runs(spec: SweepSpec, footprints: dict[tuple[str, str], int], input_tokens: dict[str, int]) -> list[Run]:

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache
 from . import conventions, generation, instance
 from .errors import MarconiCacheError
 from .families import cache_keyword_of, cost_model, family_of
-from .policies import AlphaTuner, Policy, default_policy, make_policy
+from .policies import Policy, Tuner, default_policy, make_policy
 from .states import DeviceSpec, KVEdge, StateCheckpoint, StateLayout
 from .store import PrefixStore, StateSizes
 from .support import apply_fixes, check_supported
@@ -159,9 +159,9 @@ class MarconiCache(DynamicCache):
             (LRU), ``"vllm+"`` (block checkpoints), ``"no-cache"``, or a policy object (``hf_marconi.policies``).
         storage_device: where stored states live: None keeps them on each layer's own device; ``"cpu"`` moves
             them to CPU memory.
-        alpha_tuner: for Marconi, tunes alpha by retrospective bootstrapping (default: the tuner of
-            ``default_policy()``, over a logarithmic grid, since the paper's 0..2 grid is too narrow for long
-            contexts); None keeps alpha fixed.
+        alpha_tuner: for Marconi, tunes alpha (default: the tuner of ``default_policy()``, shadow replays of a few
+            alphas that follow every commit in bounded steps, ``hf_marconi.policies.ShadowAlphaTuner``); an
+            ``AlphaTuner`` for the paper's retrospective bootstrapping; None keeps alpha fixed.
         capture: how branch-point states are taken during a prefill: ``"single_pass"`` (one model forward in which
             the recurrent mixers split their input at the branch point; falls back to two passes for models whose
             mixers cannot split, e.g. Jamba) or ``"two_pass"`` (a forward up to the branch point, then the rest).
@@ -182,7 +182,7 @@ class MarconiCache(DynamicCache):
         capacity_bytes: int,
         policy: str | Policy | None = None,
         storage_device: DeviceSpec = None,
-        alpha_tuner: AlphaTuner | None | str = "default",
+        alpha_tuner: Tuner | None | str = "default",
         capture: str = "single_pass",
         recorder: TraceRecorder | None = None,
         **policy_options: Any,

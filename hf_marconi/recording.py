@@ -47,7 +47,7 @@ from typing import Any, Iterator, Sequence
 logger = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 512
-SOURCE = "hf_marconi.recording"
+SOURCE = "hf_marconi.recording"  # hf_marconi.simulator.RECORDED: its replay commits output_ids whole
 _SESSION: ContextVar[str] = ContextVar("hf_marconi_session", default="")
 
 

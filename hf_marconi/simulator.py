@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from hf_marconi.costs import CostModel
-from hf_marconi.policies.alpha import AlphaTuner, TuningRecord
+from hf_marconi.policies.alpha import Tuner, TuningRecord
+from hf_marconi.policies.shadow import SwitchRecord
 from hf_marconi.policies.base import Policy
-from hf_marconi.store import PrefixStore, StateSizes, StoreStats
+from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan, StateSizes, StoreStats
 from hf_marconi.trace import Request
+
+RECORDED = "hf_marconi.recording"  # meta["source"] of a request recorded from a live cache (recording.SOURCE)
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class SimulationResult:
     capacity_bytes: int
     requests: int
     stats: StoreStats
-    tunings: tuple[TuningRecord, ...]  # alpha tunings that ran during the replay (Marconi with a tuner)
+    tunings: tuple[TuningRecord | SwitchRecord, ...]  # alpha tunings that ran during the replay (Marconi with a tuner)
     wall_seconds: float  # replay time, for reporting only
 
     @property
@@ -44,6 +47,18 @@ class SimulationResult:
         }
 
 
+def fed_output(request: Request) -> tuple[int, ...]:
+    """The output tokens a live call serving ``request`` fed to the model (and so commits). A request recorded from a
+    live cache (``hf_marconi.recording``) holds exactly those; any other trace's output is what the model generated,
+    of which the last token is never fed."""
+    return request.output_ids if request.meta.get("source") == RECORDED else request.output_ids[:-1]
+
+
+def replay_one(store: PrefixStore, request: Request) -> tuple[RequestPlan, AdmitResult]:
+    """Plan and commit ``request`` as the live call that served it did."""
+    return store.replay_fed(request.input_ids, fed_output(request))
+
+
 def replay_order(trace: Sequence[Request]) -> list[Request]:
     """Requests by arrival time; ties keep trace order."""
     return sorted(trace, key=lambda request: request.arrival)
@@ -55,7 +70,7 @@ def simulate(
     capacity_bytes: int,
     costs: CostModel,
     sizes: StateSizes | None = None,
-    tuner: AlphaTuner | None = None,
+    tuner: Tuner | None = None,
     check_every: int = 0,
 ) -> SimulationResult:
     """Replay ``trace`` through ``policy`` at ``capacity_bytes``.
@@ -71,7 +86,7 @@ def simulate(
     ordered = replay_order(trace)
     start = time.perf_counter()
     for index, request in enumerate(ordered, 1):
-        store.replay_request(request.input_ids, request.output_ids)
+        replay_one(store, request)
         if check_every and index % check_every == 0:
             store.check_invariants()
     wall = time.perf_counter() - start

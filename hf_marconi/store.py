@@ -7,17 +7,21 @@ through :meth:`PrefixStore.plan` (look up and lock the reusable prefix, choose p
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+from hf_marconi.eviction import HeapOrder, ScanOrder, VictimOrder
 from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.tree import EdgePayload, LockReceipt, Node, Payload, RadixTree, SimulatedCheckpoint, SimulatedEdge
 
 if TYPE_CHECKING:
-    from hf_marconi.policies.alpha import AlphaTuner
+    from hf_marconi.policies.alpha import Tuner
+
+CommitObserver = Callable[["PrefixStore", "RequestPlan", tuple[int, ...], "AdmitResult"], None]
+
+# Lookups after which a repeated prompt's weight in the store's repeat rate has halved (the rate admission reads).
+REPEAT_HALF_LIFE = 200
 
 PURELY_INPUT = "purely_input"
 INPUT_OUTPUT = "input_output"
@@ -86,6 +90,7 @@ class StoreStats:
     # not be resumed (a recurrent state exists only at checkpoints). What users of hybrid prefix caching ask first.
     unresumable_lookups: int = 0
     unresumable_tokens: int = 0
+    repeated_lookups: int = 0  # lookups whose whole prompt was stored already (a repeated prompt)
     commits: int = 0
     kv_tokens_admitted: int = 0
     checkpoints_admitted: int = 0
@@ -179,7 +184,8 @@ class PrefixStore:
         policy: admission and eviction (``hf_marconi.policies``).
         costs: FLOPs of extending a prefix (``hf_marconi.costs.CostModel``).
         sizes: byte sizes of one sequence's states; sizes simulated payloads (simulator, alpha tuning).
-        tuner: optional alpha tuner (retrospective bootstrapping) for policies with an ``alpha``.
+        tuner: optional alpha tuner for policies with an ``alpha`` (``hf_marconi.policies``: ``ShadowAlphaTuner``,
+            ``AlphaTuner``); it attaches itself as a commit observer.
     """
 
     def __init__(
@@ -188,7 +194,7 @@ class PrefixStore:
         policy: Policy,
         costs: CostModel,
         sizes: StateSizes,
-        tuner: "AlphaTuner | None" = None,
+        tuner: "Tuner | None" = None,
     ):
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
@@ -198,14 +204,23 @@ class PrefixStore:
         self.policy = policy
         self.costs = costs
         self.sizes = sizes
-        self.tuner = tuner
         self._tree = RadixTree()
         self._stats = StoreStats(capacity_bytes=capacity_bytes)
         self._clock = 0
         self._open: dict[int, LockReceipt] = {}  # id(receipt) -> receipt of every plan not yet committed or aborted
         self._open_inputs: dict[int, tuple[int, ...]] = {}  # id(receipt) -> the input of each request in flight
         self._generation = 0  # bumped by clear(): plans made before it hold locks on a dropped tree
+        self._repeat_rate = 0.0  # decayed share of lookups that found their whole prompt stored (REPEAT_HALF_LIFE)
         self._lock = threading.RLock()
+        self._observers: list[CommitObserver] = []
+        if tuner is not None:
+            tuner.attach(self)
+
+    def add_commit_observer(self, observer: CommitObserver) -> None:
+        """Call ``observer(store, plan, committed tokens, result)`` after every commit that stored into this tree,
+        with the store's lock held (alpha tuners observe the traffic this way)."""
+        with self._lock:
+            self._observers.append(observer)
 
     # ------------------------------------------------------------------------------------------------- plan
     def plan(self, input_ids: Sequence[int], also_branches_at: Sequence[int] = (), count: bool = True) -> RequestPlan:
@@ -236,7 +251,8 @@ class PrefixStore:
             extra = (*also_branches_at, *self._branches_off_requests_in_flight(ids))
             branches = {self._branch_point(ids, match), *(b for b in extra if reuse_len < b <= limit)}
             captures = tuple(sorted({
-                p for branch in branches for p in self.policy.capture_positions(reuse_len, branch, len(ids))
+                p for branch in branches
+                for p in self.policy.capture_positions(reuse_len, branch, len(ids), repeat_rate=self._repeat_rate)
             }))
             if any(not reuse_len < p <= limit for p in captures) or list(captures) != sorted(set(captures)):
                 raise RuntimeError(f"policy {self.policy.name!r} returned invalid capture positions {captures}")
@@ -245,7 +261,7 @@ class PrefixStore:
             self._open_inputs[id(receipt)] = ids
             unresumable = max(0, min(match.matched_len, limit) - reuse_len)
             if count:
-                self._count_lookup(ids, reused, unresumable)
+                self._count_lookup(ids, reused, unresumable, repeated=match.matched_len == len(ids))
             return RequestPlan(
                 input_ids=ids,
                 reuse_len=reuse_len,
@@ -279,9 +295,12 @@ class PrefixStore:
             return matched
         return None
 
-    def _count_lookup(self, ids: tuple[int, ...], reused: Node | None, unresumable: int) -> None:
+    def _count_lookup(self, ids: tuple[int, ...], reused: Node | None, unresumable: int, repeated: bool) -> None:
         stats = self._stats
         stats.lookups += 1
+        stats.repeated_lookups += repeated
+        decay = 0.5 ** (1 / REPEAT_HALF_LIFE)
+        self._repeat_rate = decay * self._repeat_rate + (1 - decay) * repeated
         if unresumable:
             stats.unresumable_lookups += 1
             stats.unresumable_tokens += unresumable
@@ -300,11 +319,12 @@ class PrefixStore:
             stats.hit_tokens_input_output += reused.depth
 
     def checkpoint_positions(self, plan: RequestPlan, total_len: int) -> tuple[int, ...]:
-        """Every prefix length the caller should supply a checkpoint for at commit, ascending."""
+        """Every prefix length the caller should supply a checkpoint for at commit, ascending: the plan's capture
+        positions and, if the policy keeps it, the end of the ``total_len`` tokens fed."""
         if total_len < len(plan.input_ids):
             raise ValueError(f"total_len {total_len} is shorter than the input ({len(plan.input_ids)} tokens)")
-        tail = self.policy.output_positions(len(plan.input_ids), total_len)
-        return tuple(sorted(set(plan.capture_positions) | set(tail)))
+        end = (total_len,) if self.policy.keeps_end(len(plan.input_ids), total_len) else ()
+        return tuple(sorted(set(plan.capture_positions) | set(end)))
 
     # ----------------------------------------------------------------------------------------------- commit
     def commit(
@@ -349,8 +369,8 @@ class PrefixStore:
                 self._release(plan.receipt)
             if count:
                 self._stats.commits += 1
-                if self.tuner is not None:
-                    self.tuner.after_commit(self, plan.input_ids, seq, evicted=result.nodes_evicted > 0)
+                for observer in self._observers:
+                    observer(self, plan, seq, result)
             return result
 
     def _admit(
@@ -436,49 +456,21 @@ class PrefixStore:
 
     def _evict_until(self, budget: int) -> tuple[int, int]:
         """Evict per policy until the tree holds at most ``budget`` bytes; returns (nodes evicted, bytes freed)."""
-        if self.policy.per_node_priority:
-            return self._evict_by_priority(budget)
         tree, evicted, freed = self._tree, 0, 0
+        order: VictimOrder = (HeapOrder(tree, self.policy) if self.policy.per_node_priority
+                              else ScanOrder(tree, self.policy, self.costs, self._clock))
         while tree.nbytes > budget:
-            candidates = [n for n in self._candidate_pool().values() if n.lock_ref == 0]
-            if not candidates:
+            victim = order.next_victim()
+            if victim is None:
                 raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
-            victim = self.policy.choose_victim(candidates, self.costs)
-            freed += self._evict(victim)
-            evicted += 1
-        return evicted, freed
-
-    def _candidate_pool(self) -> dict[int, Node]:
-        return self._tree.leaves if self.policy.evicts_leaves_only else self._tree.thin
-
-    def _is_candidate(self, node: Node) -> bool:
-        return not node.children if self.policy.evicts_leaves_only else len(node.children) <= 1
-
-    def _evict_by_priority(self, budget: int) -> tuple[int, int]:
-        """Same victims as repeated ``choose_victim`` for a policy whose order is a per-node priority, from a heap:
-        O(log candidates) per victim, which matters when every 32-token block is a node (vLLM+)."""
-        tree, policy = self._tree, self.policy
-        priority = policy.priority  # type: ignore[attr-defined]
-        order = itertools.count()  # keeps tuples comparable when a node is pushed twice with the same key
-        heap = [(priority(n), next(order), n) for n in self._candidate_pool().values() if n.lock_ref == 0]
-        heapq.heapify(heap)
-        evicted, freed = 0, 0
-        while tree.nbytes > budget:
-            if not heap:
-                raise RuntimeError("no evictable entry is left although the locked bytes fit; the tree is inconsistent")
-            key, _, victim = heapq.heappop(heap)
-            stale = victim.parent is None or victim.lock_ref or not self._is_candidate(victim) or priority(victim) != key
-            if stale:
-                continue
-            # Eviction may fold checkpoint-less ancestors away; the first one holding a checkpoint (or the root) stays
-            # and may have become a candidate.
+            # Eviction may fold checkpoint-less ancestors away; the first one holding a checkpoint (or the root) stays.
             survivor = victim.parent
+            assert survivor is not None
             while survivor.parent is not None and survivor.checkpoint is None:
                 survivor = survivor.parent
             freed += self._evict(victim)
             evicted += 1
-            if survivor.parent is not None and survivor.lock_ref == 0 and self._is_candidate(survivor):
-                heapq.heappush(heap, (priority(survivor), next(order), survivor))
+            order.after_eviction(survivor)
         return evicted, freed
 
     def _evict(self, victim: Node) -> int:
@@ -585,10 +577,15 @@ class PrefixStore:
         return plan, result
 
     def replay_request(self, input_ids: tuple[int, ...], output_ids: tuple[int, ...]) -> tuple[RequestPlan, AdmitResult]:
-        """simulate_request for a request given as input and output (the simulator, the alpha tuner): the committed
-        tokens are built here, so the check that they start with the input is not needed."""
+        """Replay a request given as input and output (the simulator) as a live generate call commits it: the input
+        and every output token but the last, which is never fed to the model."""
+        return self.replay_fed(input_ids, _as_token_tuple(output_ids)[:-1])
+
+    def replay_fed(self, input_ids: tuple[int, ...], fed: tuple[int, ...]) -> tuple[RequestPlan, AdmitResult]:
+        """simulate_request for the input followed by the tokens ``fed`` after it (the alpha tuners replay commits
+        this way); the committed tokens are built here, so the check that they start with the input is not needed."""
         plan = self.plan(input_ids)
-        seq = plan.input_ids + _as_token_tuple(output_ids)
+        seq = plan.input_ids + fed
         ckpt = SimulatedCheckpoint(self.sizes.checkpoint_bytes)
         kv = self.sizes.kv_bytes_per_token
         positions = self.checkpoint_positions(plan, len(seq))

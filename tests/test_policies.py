@@ -6,16 +6,21 @@ import pytest
 
 from hf_marconi.policies import (
     PAPER_ALPHA_GRID,
+    SHADOW_ALPHA_GRID,
     WIDE_ALPHA_GRID,
     AlphaTuner,
     BlockPolicy,
     LRUPolicy,
     MarconiPolicy,
+    NoCachePolicy,
+    ShadowAlphaTuner,
     default_policy,
     flop_efficiency,
     make_policy,
     oracle_alpha,
 )
+from hf_marconi.policies.base import branch_point
+from hf_marconi.policies.marconi import recency_scores
 from hf_marconi.store import PrefixStore
 from hf_marconi.tree import RadixTree, SimulatedCheckpoint, SimulatedEdge
 from tests.test_store import SIZES, QuadraticCosts, run
@@ -26,20 +31,23 @@ def test_paper_grid_is_0_to_2_by_tenths_and_wide_grid_reaches_far():
     assert WIDE_ALPHA_GRID[0] == 0.0 and max(WIDE_ALPHA_GRID) >= 64
 
 
-def test_default_policy_is_marconi_tuned_on_the_wide_grid_and_fresh_each_call():
+def test_default_policy_is_marconi_tuned_by_shadows_and_fresh_each_call():
     policy, tuner = default_policy()
     again, other_tuner = default_policy()
-    assert isinstance(policy, MarconiPolicy) and tuner.grid == WIDE_ALPHA_GRID
+    assert isinstance(policy, MarconiPolicy) and policy.recency == "linear"
+    assert isinstance(tuner, ShadowAlphaTuner) and tuner.grid == SHADOW_ALPHA_GRID
     assert policy is not again and tuner is not other_tuner  # a tuner keeps state: never shared between stores
 
 
 def test_block_policy_checkpoints_every_block_boundary():
     policy = BlockPolicy(block_size=4)
     assert policy.capture_positions(reuse_len=4, branch_len=None, input_len=14) == (8, 12)
-    assert policy.output_positions(input_len=14, total_len=21) == (16, 20)
+    assert policy.keeps_end(input_len=14, end=20) and not policy.keeps_end(input_len=14, end=21)
     store = PrefixStore(10**6, policy, QuadraticCosts(), SIZES)
     _, result = run(store, tuple(range(10)), (50, 51, 52))
-    assert result.new_checkpoints == (4, 8, 12) and result.new_tokens == 12  # tokens past the last block are dropped
+    assert result.new_checkpoints == (4, 8) and result.new_tokens == 8  # no state at 12: decoding passed it
+    _, result = run(store, tuple(range(10)), (50, 51))
+    assert result.new_checkpoints == (12,) and result.new_tokens == 4  # the end of what was fed, on a boundary
     plan, _ = run(store, tuple(range(10)) + (50, 51, 52, 53))
     assert plan.reuse_len == 12
 
@@ -196,7 +204,7 @@ def test_efficiency_memo_follows_checkpoints_above_a_branch_point():
         tree.set_checkpoint(leaf, SimulatedCheckpoint(7), "input_output", clock=0)
 
     def memos_are_fresh():
-        policy.choose_victim(leaves, costs)  # fills the memos
+        policy.choose_victim(leaves, costs, clock=0)  # fills the memos
         return all(leaf.score_cache == flop_efficiency(leaf, costs) for leaf in leaves)
 
     assert memos_are_fresh()
@@ -204,3 +212,64 @@ def test_efficiency_memo_follows_checkpoints_above_a_branch_point():
     assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()
     tree.set_checkpoint(branch, SimulatedCheckpoint(7), "purely_input", clock=0)  # and now to the branch point
     assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()
+
+
+def test_marconi_hits_a_repeated_prompt_on_its_second_occurrence_once_repeats_are_common():
+    store = PrefixStore(10**9, MarconiPolicy(), QuadraticCosts(), SIZES)
+    second_hits = []
+    for k in range(60):  # every prompt sent twice in a row: half of all lookups are repeats
+        prompt = tuple(range(10_000 * (k + 1), 10_000 * (k + 1) + 12))
+        run(store, prompt, (7, 8))
+        plan, _ = run(store, prompt, (7, 8))
+        second_hits.append(plan.reuse_len)
+    assert second_hits[0] == 0  # no repeat seen yet: the 2nd occurrence only gets the checkpoint, as in the paper
+    assert second_hits[-1] == 11  # the prompt's end was checkpointed on its first occurrence
+    assert store.stats().repeated_lookups == 60
+
+
+def test_marconi_takes_no_prompt_end_checkpoint_without_repeats():
+    store = PrefixStore(10**9, MarconiPolicy(), QuadraticCosts(), SIZES)
+    for inp, tokens in _agentic_trace():
+        plan = store.plan(inp)
+        assert plan.capture_positions in ((), (40,), (41,))  # at most the shared system prompt's branch point
+        store.abort(plan)
+        store.simulate_request(inp, tokens)
+    assert store.stats().repeated_lookups == 0
+    assert MarconiPolicy(repeat_threshold=None).capture_positions(0, None, 10, repeat_rate=1.0) == ()
+
+
+def test_branch_point_admission_in_isolation():
+    assert branch_point(reuse_len=4, branch_len=9) == (9,)
+    assert branch_point(reuse_len=9, branch_len=9) == ()  # already resumable there
+    assert branch_point(reuse_len=0, branch_len=None) == ()
+    for policy in (MarconiPolicy(), LRUPolicy()):
+        assert policy.capture_positions(4, 9, 20) == (9,)
+
+
+def test_sequence_end_admission_of_every_policy():
+    assert MarconiPolicy().keeps_end(10, 17) and LRUPolicy().keeps_end(10, 17)
+    assert BlockPolicy(block_size=8).keeps_end(10, 16) and not BlockPolicy(block_size=8).keeps_end(10, 17)
+    assert not NoCachePolicy().keeps_end(10, 16)
+
+
+def test_inverse_age_recency_protects_the_newest_and_flattens_the_old():
+    last_access = [1.0, 50.0, 90.0, 99.0, 100.0]
+    inverse = recency_scores(last_access, clock=100, kind="inverse-age")
+    linear = recency_scores(last_access, clock=100, kind="linear")
+    assert inverse[-1] == linear[-1] == 1.0 and inverse[0] == linear[0] == 0.0
+    assert inverse[2] < 0.1 < 0.85 < linear[2]  # ten requests old: already near the oldest under 1 / age
+    assert inverse == sorted(inverse) and linear == sorted(linear)
+
+
+def test_marconi_eviction_weighs_efficiency_by_alpha_in_isolation():
+    tree, costs = RadixTree(), QuadraticCosts()
+    old_long = tree.add_leaf(tree.root, tuple(range(40)), SimulatedEdge(40, 5), clock=1)
+    tree.set_checkpoint(old_long, SimulatedCheckpoint(7), "input_output", clock=1)
+    new_short = tree.add_leaf(tree.root, (100, 101), SimulatedEdge(2, 5), clock=9)
+    tree.set_checkpoint(new_short, SimulatedCheckpoint(7), "input_output", clock=9)
+    candidates = [old_long, new_short]
+    assert flop_efficiency(old_long, costs) > flop_efficiency(new_short, costs)
+    assert MarconiPolicy(alpha=0.0).choose_victim(candidates, costs, clock=10) is old_long  # recency alone
+    assert MarconiPolicy(alpha=2.0).choose_victim(candidates, costs, clock=10) is new_short  # efficiency wins
+    with pytest.raises(ValueError, match="recency"):
+        MarconiPolicy(recency="lfu")

@@ -9,13 +9,22 @@ this for every later window of the same length. The replays are deterministic: n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from hf_marconi.policies.base import CostModel
 from hf_marconi.policies.marconi import MarconiPolicy
 
 if TYPE_CHECKING:
-    from hf_marconi.store import PrefixStore, StateSizes, StoreStats, TreeSnapshot
+    from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan, StateSizes, StoreStats, TreeSnapshot
+
+
+class Tuner(Protocol):
+    """What a store needs of an alpha tuner: it attaches itself (as a commit observer) to the store it tunes; its
+    ``history`` lists the alpha changes it made (records with an ``alpha``)."""
+
+    history: list
+
+    def attach(self, store: "PrefixStore") -> None: ...
 
 # The paper's grid: 0, 0.1, ..., 2.0.
 PAPER_ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))
@@ -47,7 +56,7 @@ def replay_window(
 
     store = PrefixStore.from_snapshot(snapshot, capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
     for input_ids, continuation in window:
-        store.replay_request(input_ids, continuation)
+        store.replay_fed(input_ids, continuation)
     return store.stats()
 
 
@@ -89,8 +98,15 @@ class AlphaTuner:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
 
-    def after_commit(self, store: "PrefixStore", input_ids: tuple[int, ...], tokens: tuple[int, ...], evicted: bool) -> None:
+    def attach(self, store: "PrefixStore") -> None:
+        """Observe every later commit of ``store`` (whose policy must have an alpha)."""
+        if store.policy.alpha is None:
+            raise ValueError(f"policy {store.policy.name!r} has no alpha to tune; pass tuner=None or use MarconiPolicy")
+        store.add_commit_observer(self.observe)
+
+    def observe(self, store: "PrefixStore", plan: "RequestPlan", tokens: tuple[int, ...], result: "AdmitResult") -> None:
         """Called by the store after every commit (with its lock held)."""
+        input_ids, evicted = plan.input_ids, result.nodes_evicted > 0
         self._requests += 1
         if self._finished:
             return
@@ -135,7 +151,7 @@ def oracle_alpha(
     for alpha in grid:
         store = PrefixStore(capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
         for input_ids, continuation in pairs:
-            store.replay_request(input_ids, continuation)
+            store.replay_fed(input_ids, continuation)
         results[alpha] = store.stats()
     best = max(grid, key=lambda a: (objective_value(results[a], objective), -list(grid).index(a)))
     return best, results

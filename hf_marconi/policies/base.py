@@ -27,13 +27,16 @@ class Policy(Protocol):
     # from a heap instead of asking ``choose_victim`` to scan all candidates for every victim.
     per_node_priority: bool
 
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
+                          repeat_rate: float = 0.0) -> tuple[int, ...]:
         """Prefix lengths in ``(reuse_len, input_len - 1]`` to checkpoint during prefill, ascending. ``branch_len`` is
-        the branch point speculative insertion found (already capped at ``input_len - 1``), or None."""
+        the branch point speculative insertion found (already capped at ``input_len - 1``), or None; ``repeat_rate``
+        the share of recent lookups whose whole prompt was already stored (the store's decayed estimate)."""
         ...
 
-    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
-        """Prefix lengths in ``[input_len, total_len]`` to checkpoint after decoding, ascending."""
+    def keeps_end(self, input_len: int, end: int) -> bool:
+        """Whether to checkpoint the end of the fed sequence (``end`` tokens: the input and every generated token but
+        the last, which is never fed). A live call can take a state there and nowhere else during decoding."""
         ...
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
@@ -44,9 +47,15 @@ class Policy(Protocol):
         """Refresh recency after a commit stored a sequence along ``path`` (new nodes already carry ``clock``)."""
         ...
 
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         """The candidate to evict next (``candidates`` is non-empty)."""
         ...
+
+
+def branch_point(reuse_len: int, branch_len: int | None) -> tuple[int, ...]:
+    """The admission Marconi and SGLang+ share during prefill: the branch point, when it lies past the reused
+    prefix."""
+    return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
 
 
 class PerNodePriorityPolicy(Policy, Protocol):

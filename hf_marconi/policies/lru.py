@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from hf_marconi.policies.base import CostModel
+from hf_marconi.policies.base import CostModel, branch_point
 from hf_marconi.tree import Node
 
 
@@ -35,7 +35,7 @@ class LRUEviction:
     def priority(self, node: Node) -> tuple[int, int]:
         return recency_priority(node)
 
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         return least_recent(candidates)
 
 
@@ -49,9 +49,10 @@ class LRUPolicy(LRUEviction):
     evicts_leaves_only = True
     per_node_priority = True
 
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
-        return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
+                          repeat_rate: float = 0.0) -> tuple[int, ...]:
+        return branch_point(reuse_len, branch_len)
 
-    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
-        return (total_len,)
+    def keeps_end(self, input_len: int, end: int) -> bool:
+        return True
 

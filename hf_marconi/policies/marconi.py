@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from hf_marconi.policies.base import CostModel
+from hf_marconi.policies.base import CostModel, branch_point
 from hf_marconi.tree import Node
 
 
@@ -51,6 +51,24 @@ def _cached_efficiency(node: Node, costs: CostModel) -> float:
     return node.score_cache  # type: ignore[return-value]
 
 
+RECENCY_SCORES = ("linear", "inverse-age")
+
+
+def recency_scores(last_access: list[float], clock: int, kind: str) -> list[float]:
+    """Recency of each candidate, min-max normalised (1 = most recent).
+
+    ``"linear"`` (the default): the last access itself; its scale is the span between the oldest and newest candidate,
+    so the alpha at which efficiency starts to matter moves with the load (16-256 on the traces of
+    ``eval.bench_default``), which the online tuner follows. ``"inverse-age"`` (the authors' simulator): 1 / (clock + 1
+    - last_access), which keeps the few most recently used nodes near 1 and packs every older node near 0. It was
+    meant to make one alpha fit every load, but the best static alphas stay at 16-128 with it too (min-max normalised
+    efficiency has outliers of its own), and with online tuning it scores below linear recency on 8 of the 10 rows of
+    ``python -m eval.bench_default --compare inverse-age``."""
+    if kind == "linear":
+        return _normalise(last_access)
+    return _normalise([1.0 / (clock + 1 - t) for t in last_access])
+
+
 def _normalise(values: list[float]) -> list[float]:
     """Min-max to [0, 1]; all equal (or a single value) maps to 1."""
     low, high = min(values), max(values)
@@ -65,26 +83,41 @@ class MarconiPolicy:
     """Marconi (Pan et al., MLSys 2025).
 
     Admission: a checkpoint at the branch point speculative insertion finds (purely-input reuse) and one after the last
-    token of the sequence (input+output reuse): at most two per request. Eviction: among nodes with at most one child,
-    the lowest ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates). Only the reused
-    node's recency is refreshed on a hit. ``alpha`` may be changed between requests by an alpha tuner.
+    token of the sequence (input+output reuse); when at least ``repeat_threshold`` of recent lookups found their whole
+    prompt stored (a workload that repeats prompts), also one at the prompt's last token but one, so that a prompt hits
+    on its second occurrence rather than its third (None: never). At most three per request. Eviction: among nodes with at most one child,
+    the lowest ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates; recency per
+    ``recency``, see :func:`recency_scores`). Only the reused node's recency is refreshed on a hit. ``alpha`` may be
+    changed between requests by an alpha tuner.
     """
 
     alpha: float = 0.0
+    recency: str = "linear"
+    repeat_threshold: float | None = 0.05
     name: str = "marconi"
-    max_new_checkpoints: int | None = 2
+    max_new_checkpoints: int | None = 3
     evicts_leaves_only: bool = False
     per_node_priority: bool = False  # min-max normalisation ranks a node against the other candidates
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ValueError(f"alpha weighs FLOP efficiency against recency and must be >= 0, got {self.alpha}")
+        if self.repeat_threshold is not None and not 0 < self.repeat_threshold <= 1:
+            raise ValueError(f"repeat_threshold is a share of lookups in (0, 1] (or None), got {self.repeat_threshold}")
+        if self.recency not in RECENCY_SCORES:
+            raise ValueError(f"unknown recency score {self.recency!r}; choose one of {RECENCY_SCORES}")
 
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
-        return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
+                          repeat_rate: float = 0.0) -> tuple[int, ...]:
+        positions = branch_point(reuse_len, branch_len)
+        prompt_end = input_len - 1
+        if (self.repeat_threshold is not None and repeat_rate >= self.repeat_threshold and prompt_end > reuse_len
+                and prompt_end not in positions):
+            positions += (prompt_end,)  # so that the prompt's next occurrence hits all but its last token
+        return positions
 
-    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
-        return (total_len,)
+    def keeps_end(self, input_len: int, end: int) -> bool:
+        return True
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         if reused is not None:
@@ -93,11 +126,10 @@ class MarconiPolicy:
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         return None  # the nodes and checkpoints a commit creates carry the clock already
 
-
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         if len(candidates) == 1:
             return candidates[0]
-        recency = _normalise([float(n.last_access) for n in candidates])
+        recency = recency_scores([float(n.last_access) for n in candidates], clock, self.recency)
         if self.alpha == 0:
             scores = recency
         else:

@@ -15,11 +15,12 @@ class NoCachePolicy:
     evicts_leaves_only = True
     per_node_priority = False
 
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int) -> tuple[int, ...]:
+    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
+                          repeat_rate: float = 0.0) -> tuple[int, ...]:
         return ()
 
-    def output_positions(self, input_len: int, total_len: int) -> tuple[int, ...]:
-        return ()
+    def keeps_end(self, input_len: int, end: int) -> bool:
+        return False
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         return None
@@ -27,6 +28,5 @@ class NoCachePolicy:
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         return None
 
-
-    def choose_victim(self, candidates: Sequence[Node], costs: CostModel) -> Node:
+    def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         raise RuntimeError("the no-cache policy stores nothing, so it never evicts")
