@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from hf_marconi.eviction import HeapOrder, ScanOrder, VictimOrder
 from hf_marconi.policies.base import CostModel, Policy
-from hf_marconi.tree import EdgePayload, LockReceipt, Node, Payload, RadixTree, SimulatedCheckpoint, SimulatedEdge
+from hf_marconi.tree import (
+    EdgePayload,
+    LockReceipt,
+    Node,
+    Payload,
+    RadixTree,
+    SimulatedCheckpoint,
+    SimulatedEdge,
+    common_prefix_len,
+)
 
 if TYPE_CHECKING:
     from hf_marconi.policies.alpha import Tuner
@@ -164,14 +173,7 @@ def branch_points(ids: Sequence[int], others: Iterable[Sequence[int]], limit: in
     identical input branches at its last token, as a fully stored one does), ascending. Past ``limit`` new
     checkpoints per request, the shallowest are kept, leaving one place for the branch point against the stored
     paths: a checkpoint at a shallow branch serves every input that shares at least that much."""
-    shared = set()
-    for other in others:
-        length = 0
-        for a, b in zip(ids, other):
-            if a != b:
-                break
-            length += 1
-        shared.add(min(length, len(ids) - 1))
+    shared = {min(common_prefix_len(tuple(other), ids), len(ids) - 1) for other in others}
     branches = sorted(shared - {0})
     return tuple(branches if limit is None else branches[: max(limit - 1, 1)])
 

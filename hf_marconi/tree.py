@@ -138,7 +138,7 @@ class Match:
         return self.path[-1] if self.path else None
 
 
-def _common_prefix_len(key: tuple[int, ...], tokens: Sequence[int], start: int) -> int:
+def common_prefix_len(key: tuple[int, ...], tokens: Sequence[int], start: int = 0) -> int:
     """Length of the common prefix of ``key`` and ``tokens[start:]``."""
     n = min(len(key), len(tokens) - start)
     if tuple(tokens[start : start + n]) == key[:n]:
@@ -182,7 +182,7 @@ class RadixTree:
             child = node.children.get(tokens[pos])
             if child is None:
                 break
-            common = _common_prefix_len(child.key, tokens, pos)
+            common = common_prefix_len(child.key, tokens, pos)
             pos += common
             if common < len(child.key):
                 return Match(tuple(path), pos, child)
