@@ -219,13 +219,11 @@ class StateLayout:
             keys = torch.cat([edge.kv[idx][0].to(device) for edge in edges], dim=-2)
             values = torch.cat([edge.kv[idx][1].to(device) for edge in edges], dim=-2)
             cache.layers[idx].update(keys, values)
-        for (idx, state_idx), conv in checkpoint.conv.items():
-            cache.layers[idx].update_conv_state(copy_to(conv, devices[idx]), state_idx=state_idx)
-        for (idx, state_idx), recurrent in checkpoint.recurrent.items():
-            layer = cache.layers[idx]
-            layer.update_recurrent_state(copy_to(recurrent, devices[idx]), state_idx=state_idx)
-            # A layer with a recurrent state but no conv state is only marked as continuing by this flag.
-            layer.has_previous_state[state_idx] = True
+        _write_fixed_states(
+            cache,
+            {key: copy_to(conv, devices[key[0]]) for key, conv in checkpoint.conv.items()},
+            {key: copy_to(recurrent, devices[key[0]]) for key, recurrent in checkpoint.recurrent.items()},
+        )
         for idx, (keys, values, cumulative_length) in checkpoint.windows.items():
             layer = cache.layers[idx]
             layer.lazy_initialization(keys, values)
@@ -269,9 +267,24 @@ class StateLayout:
                 devices[key[0]]
             )
 
-        for idx, state_idx in checkpoint0.conv:
-            cache.layers[idx].update_conv_state(stacked("conv", (idx, state_idx)), state_idx=state_idx)
-        for idx, state_idx in checkpoint0.recurrent:
-            layer = cache.layers[idx]
-            layer.update_recurrent_state(stacked("recurrent", (idx, state_idx)), state_idx=state_idx)
-            layer.has_previous_state[state_idx] = True
+        _write_fixed_states(
+            cache,
+            {key: stacked("conv", key) for key in checkpoint0.conv},
+            {key: stacked("recurrent", key) for key in checkpoint0.recurrent},
+        )
+
+
+def _write_fixed_states(
+    cache: Cache,
+    conv: dict[tuple[int, int], torch.Tensor],
+    recurrent: dict[tuple[int, int], torch.Tensor],
+) -> None:
+    """Write conv and recurrent states, keyed (layer, state index), into the layers of a live cache (the tensors are
+    the caller's copies, on each layer's device), marking each layer as continuing from them."""
+    for (idx, state_idx), tensor in conv.items():
+        cache.layers[idx].update_conv_state(tensor, state_idx=state_idx)
+    for (idx, state_idx), tensor in recurrent.items():
+        layer = cache.layers[idx]
+        layer.update_recurrent_state(tensor, state_idx=state_idx)
+        # A layer with a recurrent state but no conv state is only marked as continuing by this flag.
+        layer.has_previous_state[state_idx] = True
