@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from eval.bench_cache import small_bamba
+from eval.bench_cache import command_line, small_bamba
 from hf_marconi import MarconiCache
 from hf_marconi.families import cache_keyword_of
 
@@ -132,17 +131,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m eval.bench_batched " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("eval.bench_batched", argv)
     results = run(args)
     setup = (f"BBH: {args.tasks} tasks x {args.queries} queries in batches of {args.batch_size}, {args.new_tokens} new "
              f"tokens per row, Bamba hidden {args.hidden} x {args.layers} layers (random weights, float32), "
              f"{args.threads} torch threads, CPU")
-    summary = summary_markdown(results, command.strip(), setup)
+    summary = summary_markdown(results, command, setup)
     print(summary)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": command.strip(), "summary_markdown": summary,
+        args.out.write_text(json.dumps({"command": command, "summary_markdown": summary,
                                         "batches": [asdict(r) for r in results]}, indent=1))
     return 0 if all(r.same_tokens for r in results) else 1
 

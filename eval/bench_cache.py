@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> list[TurnResult]:
     return results
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
@@ -167,8 +168,8 @@ def summary_markdown(results: list[TurnResult], command: str) -> str:
         reused = statistics.mean(r.reused_tokens / r.prompt_tokens for r in rows)
         overhead = statistics.mean(r.overhead_share for r in rows)
         lines.append(
-            f"| {label} ({len(rows)}) | {_percentile(cached, .5):.1f} ms | {_percentile(uncached, .5):.1f} ms "
-            f"| {_percentile(cached, .95):.1f} ms | {_percentile(uncached, .95):.1f} ms | {reused:.0%} | {overhead:.1%} |"
+            f"| {label} ({len(rows)}) | {percentile(cached, .5):.1f} ms | {percentile(uncached, .5):.1f} ms "
+            f"| {percentile(cached, .95):.1f} ms | {percentile(uncached, .95):.1f} ms | {reused:.0%} | {overhead:.1%} |"
         )
     return "\n".join(lines)
 
@@ -187,15 +188,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran ``python -m module`` with ``argv`` (None: this process's arguments), for a report."""
+    return " ".join(["python", "-m", module, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m eval.bench_cache " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("eval.bench_cache", argv)
     results = run(args)
-    summary = summary_markdown(results, command.strip())
+    summary = summary_markdown(results, command)
     print(summary)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"command": command.strip(), "torch_threads": args.threads, "summary_markdown": summary,
+        payload = {"command": command, "torch_threads": args.threads, "summary_markdown": summary,
                    "turns": [asdict(r) | {"overhead_share": r.overhead_share} for r in results]}
         args.out.write_text(json.dumps(payload, indent=1))
     return 0 if all(r.same_output for r in results) else 1

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
-import shlex
 import statistics
 import sys
 import threading
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from eval.bench_cache import chat_turns, small_bamba
+from eval.bench_cache import chat_turns, command_line, percentile, small_bamba
 from hf_marconi import MarconiCache
 from hf_marconi.families import cache_keyword_of
 
@@ -124,11 +124,6 @@ def run_arm(model, arm: str, round_index: int, clients: list[Client], capacity_b
                      stats["input_tokens"] - stats["hit_tokens"], outputs)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def summary_markdown(results: list[ArmResult], all_equal: bool, command: str, setup: str) -> str:
     lines = [f"Command: `{command}`", "", setup, "",
              f"Every output equal to uncached generation: {all_equal}", "",
@@ -141,7 +136,7 @@ def summary_markdown(results: list[ArmResult], all_equal: bool, command: str, se
             f"| {arm} | {len(rows)} | {statistics.median(r.wall_s for r in rows):.2f} "
             f"| {statistics.median(r.requests_per_s for r in rows):.2f} "
             f"| {statistics.median(r.tokens_per_s for r in rows):.1f} "
-            f"| {_percentile(latencies, .5) * 1e3:.0f} ms | {_percentile(latencies, .95) * 1e3:.0f} ms "
+            f"| {percentile(latencies, .5) * 1e3:.0f} ms | {percentile(latencies, .95) * 1e3:.0f} ms "
             f"| {statistics.mean(r.token_hit_rate for r in rows):.1%} "
             f"| {statistics.median(r.prefilled_tokens for r in rows):,.0f} "
             f"| {statistics.median(r.cpu_s / r.wall_s for r in rows):.2f} |"
@@ -167,7 +162,7 @@ def run(args: argparse.Namespace) -> tuple[list[ArmResult], bool]:
             result = run_arm(model, arm, round_index, clients, capacity)
             results.append(result)
             print(f"round {round_index} {arm:10s}: {result.wall_s:6.2f} s, {result.requests_per_s:5.2f} req/s, "
-                  f"P95 {_percentile(result.latencies_s, .95) * 1e3:6.0f} ms, hit rate {result.token_hit_rate:.1%}",
+                  f"P95 {percentile(result.latencies_s, .95) * 1e3:6.0f} ms, hit rate {result.token_hit_rate:.1%}",
                   file=sys.stderr, flush=True)
     checked: dict[tuple[int, ...], bool] = {}
     for result in results:
@@ -201,18 +196,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m eval.bench_concurrency " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("eval.bench_concurrency", argv)
     results, all_equal = run(args)
     setup = (f"{args.clients} client threads, {args.sessions} {args.trace} sessions (prompts up to {args.max_input} "
              f"tokens), answers of {args.answer_lengths} tokens, Bamba hidden {args.hidden} x {args.layers} layers, "
              f"float32, {args.torch_threads} torch thread(s), {torch.get_num_threads()} in use, "
-             f"{__import__('os').cpu_count()} CPUs")
-    summary = summary_markdown(results, all_equal, command.strip(), setup)
+             f"{os.cpu_count()} CPUs")
+    summary = summary_markdown(results, all_equal, command, setup)
     print(summary)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"command": command.strip(), "summary_markdown": summary, "rounds": [
+        payload = {"command": command, "summary_markdown": summary, "rounds": [
             {"arm": r.arm, "round": r.round, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "latencies_s": r.latencies_s,
              "generated_tokens": r.generated_tokens, "token_hit_rate": r.token_hit_rate,
              "prefilled_tokens": r.prefilled_tokens} for r in results]}
