@@ -31,6 +31,7 @@ CommitObserver = Callable[["PrefixStore", "RequestPlan", tuple[int, ...], "Admit
 
 # Lookups after which a repeated prompt's weight in the store's repeat rate has halved (the rate admission reads).
 REPEAT_HALF_LIFE = 200
+_REPEAT_DECAY = 0.5 ** (1 / REPEAT_HALF_LIFE)  # the rate's weight on its past, per lookup
 
 PURELY_INPUT = "purely_input"
 INPUT_OUTPUT = "input_output"
@@ -301,8 +302,7 @@ class PrefixStore:
         stats = self._stats
         stats.lookups += 1
         stats.repeated_lookups += repeated
-        decay = 0.5 ** (1 / REPEAT_HALF_LIFE)
-        self._repeat_rate = decay * self._repeat_rate + (1 - decay) * repeated
+        self._repeat_rate = _REPEAT_DECAY * self._repeat_rate + (1 - _REPEAT_DECAY) * repeated
         if unresumable:
             stats.unresumable_lookups += 1
             stats.unresumable_tokens += unresumable
