@@ -109,9 +109,9 @@ def enter_forward(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
             "forwards); run the uncompiled model with it, or pass a DynamicCache to the compiled one"
         )
     live = cache.live
-    if live.forward_depth == 0 and not live.in_call and not live.ran_call and cache.calls_ran:
-        _warn_states_are_per_thread(live)
     if live.forward_depth == 0:  # the outermost forward (the inner base model of a CausalLM is counted with it)
+        if not live.in_call and not live.ran_call and cache.calls_ran:
+            _warn_states_are_per_thread(live)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if cache.live_tokens is not None:
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
