@@ -4,7 +4,8 @@ from hf_marconi.policies.alpha import PAPER_ALPHA_GRID, WIDE_ALPHA_GRID, AlphaTu
 from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.policies.block import BlockPolicy
 from hf_marconi.policies.lru import LRUPolicy
-from hf_marconi.policies.marconi import MarconiPolicy, flop_efficiency
+from hf_marconi.policies.efficiency import flop_efficiency
+from hf_marconi.policies.marconi import MarconiPolicy
 from hf_marconi.policies.nocache import NoCachePolicy
 from hf_marconi.policies.shadow import SHADOW_ALPHA_GRID, ShadowAlphaTuner, SwitchRecord
 
