@@ -10,7 +10,12 @@ from hf_marconi.policies import (
     WIDE_ALPHA_GRID,
     AlphaTuner,
     BlockPolicy,
+    BranchPointAdmission,
+    ComposedPolicy,
+    LRUEviction,
     LRUPolicy,
+    MarconiAdmission,
+    MarconiEviction,
     MarconiPolicy,
     NoCachePolicy,
     ShadowAlphaTuner,
@@ -19,7 +24,7 @@ from hf_marconi.policies import (
     make_policy,
     oracle_alpha,
 )
-from hf_marconi.policies.base import branch_point
+from hf_marconi.policies.admission import branch_point
 from hf_marconi.policies.efficiency import EfficiencyMemo
 from hf_marconi.policies.marconi import recency_scores
 from hf_marconi.store import PrefixStore
@@ -177,8 +182,8 @@ def test_make_policy_names():
         make_policy("lfu")
 
 
-class ScanningLRU(LRUPolicy):
-    """SGLang+ forced through choose_victim's scan over all candidates: the reference for the heap path."""
+class ScanningLRU(LRUEviction):
+    """LRU eviction forced through choose_victim's scan over all candidates: the reference for the heap path."""
 
     per_node_priority = False
 
@@ -186,7 +191,7 @@ class ScanningLRU(LRUPolicy):
 def test_heap_eviction_picks_the_same_victims_as_the_scan():
     pairs = _agentic_trace(sessions=5, turns=5)
     finals = []
-    for policy in (LRUPolicy(), ScanningLRU()):
+    for policy in (LRUPolicy(), ComposedPolicy(BranchPointAdmission(), ScanningLRU())):
         store = PrefixStore(300, policy, QuadraticCosts(), SIZES)
         for inp, tokens in pairs:
             store.simulate_request(inp, tokens)
@@ -235,7 +240,7 @@ def test_efficiency_memo_follows_every_structural_change():
 def test_efficiency_memo_stays_bounded_over_a_long_replay():
     # 2,000 distinct prompts behind a shared prefix, in a store that holds a dozen: nearly every one is evicted.
     policy = MarconiPolicy(alpha=1.0)
-    memo = policy.memo
+    memo = policy.eviction.memo
     store = PrefixStore(500, policy, QuadraticCosts(), SIZES)
     most_candidates = largest_memo = 0
     for k in range(2000):
@@ -245,6 +250,18 @@ def test_efficiency_memo_stays_bounded_over_a_long_replay():
         largest_memo = max(largest_memo, len(memo))
     # At most twice a lookup's candidates plus the slack survive a lookup, which may add its own candidates.
     assert largest_memo <= 3 * most_candidates + 64 < store.stats().nodes_evicted // 10
+
+
+def test_a_composed_policy_delegates_to_its_rules():
+    policy = ComposedPolicy(MarconiAdmission(repeat_threshold=None), LRUEviction())
+    assert policy.name == "MarconiAdmission+LRUEviction" and policy.max_new_checkpoints == 3
+    assert policy.evicts_leaves_only and policy.per_node_priority and policy.alpha is None
+    with pytest.raises(AttributeError, match="no alpha"):
+        policy.alpha = 1.0
+    policy = ComposedPolicy(BranchPointAdmission(), MarconiEviction(alpha=2.0), name="sglang+ admission, marconi")
+    assert policy.max_new_checkpoints == 2 and not policy.evicts_leaves_only and policy.alpha == 2.0
+    policy.alpha = 8.0  # as an alpha tuner does
+    assert policy.eviction.alpha == 8.0
 
 
 def test_marconi_hits_a_repeated_prompt_on_its_second_occurrence_once_repeats_are_common():

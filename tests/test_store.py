@@ -191,7 +191,7 @@ def test_store_properties(requests, capacity, policy, history):
         store.check_invariants()  # byte accounting, structure, capacity, locks
         if isinstance(store.policy, MarconiPolicy):  # the memo recomputes every efficiency whose inputs changed
             nodes = list(store.tree.nodes())
-            memoised = store.policy.memo.efficiencies(nodes, store.costs)
+            memoised = store.policy.eviction.memo.efficiencies(nodes, store.costs)
             assert memoised == [flop_efficiency(node, store.costs) for node in nodes]
         session = tokens
     stats = store.stats()

@@ -1,11 +1,11 @@
-"""Marconi: admission at branch points and sequence ends, eviction by recency + alpha * FLOP efficiency."""
+"""Marconi's eviction rule: among nodes with at most one child, the lowest recency + alpha * FLOP efficiency."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
-from hf_marconi.policies.base import CostModel, branch_point
+from hf_marconi.policies.base import CostModel
 from hf_marconi.policies.efficiency import EfficiencyMemo
 from hf_marconi.tree import Node
 
@@ -38,46 +38,23 @@ def _normalise(values: list[float]) -> list[float]:
 
 
 @dataclass
-class MarconiPolicy:
-    """Marconi (Pan et al., MLSys 2025).
-
-    Admission: a checkpoint at the branch point speculative insertion finds (purely-input reuse) and one after the last
-    token of the sequence (input+output reuse); when at least ``repeat_threshold`` of recent lookups found their whole
-    prompt stored (a workload that repeats prompts), also one at the prompt's last token but one, so that a prompt hits
-    on its second occurrence rather than its third (None: never). At most three per request. Eviction: among nodes with at most one child,
-    the lowest ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates; recency per
-    ``recency``, see :func:`recency_scores`). Only the reused node's recency is refreshed on a hit. ``alpha`` may be
-    changed between requests by an alpha tuner. The efficiencies are memoised per node (:class:`EfficiencyMemo`).
-    """
+class MarconiEviction:
+    """Marconi's eviction (Pan et al., MLSys 2025): among nodes with at most one child, the lowest
+    ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates; recency per ``recency``, see
+    :func:`recency_scores`). Only the reused node's recency is refreshed on a hit. ``alpha`` may be changed between
+    requests by an alpha tuner. The efficiencies are memoised per node (:class:`EfficiencyMemo`)."""
 
     alpha: float = 0.0
     recency: str = "linear"
-    repeat_threshold: float | None = 0.05
-    name: str = "marconi"
-    max_new_checkpoints: int | None = 3
-    evicts_leaves_only: bool = False
-    per_node_priority: bool = False  # min-max normalisation ranks a node against the other candidates
     memo: EfficiencyMemo = field(default_factory=EfficiencyMemo, init=False, repr=False, compare=False)
+    evicts_leaves_only: ClassVar[bool] = False
+    per_node_priority: ClassVar[bool] = False  # min-max normalisation ranks a node against the other candidates
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ValueError(f"alpha weighs FLOP efficiency against recency and must be >= 0, got {self.alpha}")
-        if self.repeat_threshold is not None and not 0 < self.repeat_threshold <= 1:
-            raise ValueError(f"repeat_threshold is a share of lookups in (0, 1] (or None), got {self.repeat_threshold}")
         if self.recency not in RECENCY_SCORES:
             raise ValueError(f"unknown recency score {self.recency!r}; choose one of {RECENCY_SCORES}")
-
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
-                          repeat_rate: float = 0.0) -> tuple[int, ...]:
-        positions = branch_point(reuse_len, branch_len)
-        prompt_end = input_len - 1
-        if (self.repeat_threshold is not None and repeat_rate >= self.repeat_threshold and prompt_end > reuse_len
-                and prompt_end not in positions):
-            positions += (prompt_end,)  # so that the prompt's next occurrence hits all but its last token
-        return positions
-
-    def keeps_end(self, input_len: int, end: int) -> bool:
-        return True
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         if reused is not None:
