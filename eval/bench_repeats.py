@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from hf_marconi.policies import MarconiPolicy, default_policy
+from hf_marconi.policies.admission import REPEAT_THRESHOLD
 from hf_marconi.presets import preset
 from hf_marconi.simulator import simulate
 from hf_marconi.trace import Request
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{'capacity':>8} {'repeat rule':>11} {'without':>8} {'extra hit tokens':>16}")
     for gb in args.capacities_gb:
         rates, hits = [], []
-        for threshold in (MarconiPolicy.repeat_threshold, None):
+        for threshold in (REPEAT_THRESHOLD, None):
             _, tuner = default_policy()
             result = simulate(trace, MarconiPolicy(repeat_threshold=threshold), int(gb * GB), costs, tuner=tuner)
             rates.append(100 * result.stats.token_hit_rate)

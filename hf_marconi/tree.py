@@ -79,7 +79,7 @@ class Node:
     """
 
     __slots__ = ("uid", "key", "edge", "checkpoint", "origin", "children", "parent", "depth", "last_access", "lock_ref",
-                 "nbytes", "score_cache")
+                 "nbytes", "version")
 
     def __init__(self, key: tuple[int, ...], edge: EdgePayload | None, parent: "Node | None", last_access: int):
         self.uid = next(_node_ids)  # creation order: a deterministic tie-breaker
@@ -93,9 +93,10 @@ class Node:
         self.last_access = last_access  # logical clock, never wall time
         self.lock_ref = 0
         self.nbytes = edge.nbytes if edge is not None else 0  # its edge's KV and its checkpoint, kept by the tree
-        # A policy's memo of a score that depends only on this node's edge and checkpoint, on whether it has children,
-        # and on its nearest ancestor holding a checkpoint; the tree resets it to None whenever one of them changes.
-        self.score_cache: object = None
+        # Structural version stamp: bumped whenever the node's edge or checkpoint, whether it has children, or its
+        # nearest ancestor holding a checkpoint changes, so that a value derived from those can be memoised by
+        # (uid, version) outside the tree.
+        self.version = 0
 
     @property
     def is_leaf(self) -> bool:
@@ -209,13 +210,13 @@ class RadixTree:
 
     # ------------------------------------------------------------------------------------------- mutation
     @staticmethod
-    def _reset_scores_below(node: Node) -> None:
-        """Clear the score memo of the descendants whose nearest checkpointed ancestor is ``node`` or lies above it:
-        those reached through checkpoint-less nodes (branch points, rare)."""
+    def _bump_versions_below(node: Node) -> None:
+        """Bump the version of the descendants whose nearest checkpointed ancestor is ``node`` or lies above it: those
+        reached through checkpoint-less nodes (branch points, rare)."""
         stack = list(node.children.values())
         while stack:
             below = stack.pop()
-            below.score_cache = None
+            below.version += 1
             if below.checkpoint is None:
                 stack.extend(below.children.values())
 
@@ -244,7 +245,7 @@ class RadixTree:
         node.edge = tail_edge
         node.parent = upper
         node.nbytes += tail_edge.nbytes - old_edge_bytes
-        node.score_cache = None
+        node.version += 1
         self.nbytes += head_edge.nbytes + tail_edge.nbytes - old_edge_bytes
         upper.children[node.key[0]] = node
         self._update_thin(upper)
@@ -258,7 +259,7 @@ class RadixTree:
             raise ValueError("parent already has a child starting with this token; split it instead")
         leaf = Node(key, edge, parent, clock)
         parent.children[key[0]] = leaf
-        parent.score_cache = None
+        parent.version += 1
         self.nbytes += edge.nbytes
         self._update_thin(parent)
         self._update_thin(leaf)
@@ -283,7 +284,7 @@ class RadixTree:
             if node is not parent:
                 self.thin[node.uid] = node  # one child: a candidate for single-child eviction, not a leaf
             node = child
-        parent.score_cache = None
+        parent.version += 1
         self._update_thin(parent)
         self._update_thin(node)
         return nodes
@@ -297,8 +298,8 @@ class RadixTree:
         node.origin = origin
         node.last_access = clock
         node.nbytes += checkpoint.nbytes
-        node.score_cache = None
-        self._reset_scores_below(node)
+        node.version += 1
+        self._bump_versions_below(node)
         self.nbytes += checkpoint.nbytes
 
     def remove_leaf(self, node: Node) -> int:
@@ -308,7 +309,7 @@ class RadixTree:
         freed = node.nbytes
         parent = node.parent
         del parent.children[node.key[0]]
-        parent.score_cache = None
+        parent.version += 1
         self.thin.pop(node.uid, None)
         self.leaves.pop(node.uid, None)
         self._update_thin(parent)
@@ -329,9 +330,9 @@ class RadixTree:
         child.edge = node.edge.concat(child.edge)
         child.parent = parent
         child.nbytes += child.edge.nbytes - old_edge_bytes + node.edge.nbytes
-        child.score_cache = None
+        child.version += 1
         if node.checkpoint is not None:
-            self._reset_scores_below(child)
+            self._bump_versions_below(child)
         freed += old_edge_bytes - child.edge.nbytes
         parent.children[child.key[0]] = child
         self.thin.pop(node.uid, None)

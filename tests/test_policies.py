@@ -10,7 +10,12 @@ from hf_marconi.policies import (
     WIDE_ALPHA_GRID,
     AlphaTuner,
     BlockPolicy,
+    BranchPointAdmission,
+    ComposedPolicy,
+    LRUEviction,
     LRUPolicy,
+    MarconiAdmission,
+    MarconiEviction,
     MarconiPolicy,
     NoCachePolicy,
     ShadowAlphaTuner,
@@ -19,10 +24,11 @@ from hf_marconi.policies import (
     make_policy,
     oracle_alpha,
 )
-from hf_marconi.policies.base import branch_point
+from hf_marconi.policies.admission import branch_point
+from hf_marconi.policies.efficiency import EfficiencyMemo
 from hf_marconi.policies.marconi import recency_scores
 from hf_marconi.store import PrefixStore
-from hf_marconi.tree import RadixTree, SimulatedCheckpoint, SimulatedEdge
+from hf_marconi.tree import Node, RadixTree, SimulatedCheckpoint, SimulatedEdge
 from tests.test_store import SIZES, QuadraticCosts, run
 
 
@@ -176,8 +182,8 @@ def test_make_policy_names():
         make_policy("lfu")
 
 
-class ScanningLRU(LRUPolicy):
-    """SGLang+ forced through choose_victim's scan over all candidates: the reference for the heap path."""
+class ScanningLRU(LRUEviction):
+    """LRU eviction forced through choose_victim's scan over all candidates: the reference for the heap path."""
 
     per_node_priority = False
 
@@ -185,7 +191,7 @@ class ScanningLRU(LRUPolicy):
 def test_heap_eviction_picks_the_same_victims_as_the_scan():
     pairs = _agentic_trace(sessions=5, turns=5)
     finals = []
-    for policy in (LRUPolicy(), ScanningLRU()):
+    for policy in (LRUPolicy(), ComposedPolicy(BranchPointAdmission(), ScanningLRU())):
         store = PrefixStore(300, policy, QuadraticCosts(), SIZES)
         for inp, tokens in pairs:
             store.simulate_request(inp, tokens)
@@ -194,24 +200,68 @@ def test_heap_eviction_picks_the_same_victims_as_the_scan():
     assert finals[0] == finals[1] and finals[0][1] > 0
 
 
-def test_efficiency_memo_follows_checkpoints_above_a_branch_point():
-    tree, costs, policy = RadixTree(), QuadraticCosts(), MarconiPolicy(alpha=1.0)
+def test_efficiency_memo_follows_every_structural_change():
+    # top (1 2, checkpoint) -> branch (3 4, none) -> left (5 50 51) and right (6 60 61), both checkpointed.
+    tree, costs, memo = RadixTree(), QuadraticCosts(), EfficiencyMemo()
     top = tree.add_leaf(tree.root, (1, 2), SimulatedEdge(2, 5), clock=0)
     tree.set_checkpoint(top, SimulatedCheckpoint(7), "input_output", clock=0)
-    branch = tree.add_leaf(top, (3, 4), SimulatedEdge(2, 5), clock=0)  # no checkpoint, two children
-    leaves = [tree.add_leaf(branch, (k,), SimulatedEdge(1, 5), clock=k) for k in (5, 6)]
-    for leaf in leaves:
+    branch = tree.add_leaf(top, (3, 4), SimulatedEdge(2, 5), clock=0)
+    left = tree.add_leaf(branch, (5, 50, 51), SimulatedEdge(3, 5), clock=0)
+    right = tree.add_leaf(branch, (6, 60, 61), SimulatedEdge(3, 5), clock=0)
+    for leaf in (left, right):
         tree.set_checkpoint(leaf, SimulatedCheckpoint(7), "input_output", clock=0)
+    seen: dict[int, float] = {}
 
-    def memos_are_fresh():
-        policy.choose_victim(leaves, costs, clock=0)  # fills the memos
-        return all(leaf.score_cache == flop_efficiency(leaf, costs) for leaf in leaves)
+    def assert_memo_fresh(*changed: Node) -> None:
+        """The memo agrees with a fresh computation for every node, and the change did move ``changed``'s value."""
+        nodes = list(tree.nodes())
+        fresh = [flop_efficiency(n, costs) for n in nodes]
+        assert memo.efficiencies(nodes, costs) == fresh
+        assert all(flop_efficiency(n, costs) != seen[n.uid] for n in changed)
+        seen.update({n.uid: f for n, f in zip(nodes, fresh)})
 
-    assert memos_are_fresh()
-    tree.merge_into_child(top)  # the leaves' fallback moves from prefix 2 to the root
-    assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()
-    tree.set_checkpoint(branch, SimulatedCheckpoint(7), "purely_input", clock=0)  # and now to the branch point
-    assert all(leaf.score_cache is None for leaf in leaves) and memos_are_fresh()
+    assert_memo_fresh()
+    head = tree.split(left, 1)  # the split edge: left keeps 2 tokens of KV
+    assert_memo_fresh(left)
+    tree.set_checkpoint(head, SimulatedCheckpoint(7), "purely_input", clock=0)  # a new checkpoint right above left
+    assert_memo_fresh(left)
+    tree.merge_into_child(top)  # an eviction: right's fallback moves through branch (no checkpoint) to the root
+    assert_memo_fresh(branch, right)
+    tree.set_checkpoint(branch, SimulatedCheckpoint(7), "purely_input", clock=0)  # and back to the branch point
+    assert_memo_fresh(right)
+    tree.remove_leaf(right)  # its sibling's parent keeps one child: thin now, a candidate
+    assert_memo_fresh()
+    tree.remove_leaf(left)  # head is a leaf now: evicting it frees its KV too
+    assert_memo_fresh(head)
+    tree.add_leaf(head, (7,), SimulatedEdge(1, 5), clock=0)  # and a single-child node again
+    assert_memo_fresh(head)
+
+
+def test_efficiency_memo_stays_bounded_over_a_long_replay():
+    # 2,000 distinct prompts behind a shared prefix, in a store that holds a dozen: nearly every one is evicted.
+    policy = MarconiPolicy(alpha=1.0)
+    memo = policy.eviction.memo
+    store = PrefixStore(500, policy, QuadraticCosts(), SIZES)
+    most_candidates = largest_memo = 0
+    for k in range(2000):
+        prompt = (1, 2, 3, 4) + tuple(range(10 * k + 100, 10 * k + 105))
+        store.simulate_request(prompt, prompt + (9,))
+        most_candidates = max(most_candidates, len(store.tree.thin))
+        largest_memo = max(largest_memo, len(memo))
+    # At most twice a lookup's candidates plus the slack survive a lookup, which may add its own candidates.
+    assert largest_memo <= 3 * most_candidates + 64 < store.stats().nodes_evicted // 10
+
+
+def test_a_composed_policy_delegates_to_its_rules():
+    policy = ComposedPolicy(MarconiAdmission(repeat_threshold=None), LRUEviction())
+    assert policy.name == "MarconiAdmission+LRUEviction" and policy.max_new_checkpoints == 3
+    assert policy.evicts_leaves_only and policy.per_node_priority and policy.alpha is None
+    with pytest.raises(AttributeError, match="no alpha"):
+        policy.alpha = 1.0
+    policy = ComposedPolicy(BranchPointAdmission(), MarconiEviction(alpha=2.0), name="sglang+ admission, marconi")
+    assert policy.max_new_checkpoints == 2 and not policy.evicts_leaves_only and policy.alpha == 2.0
+    policy.alpha = 8.0  # as an alpha tuner does
+    assert policy.eviction.alpha == 8.0
 
 
 def test_marconi_hits_a_repeated_prompt_on_its_second_occurrence_once_repeats_are_common():

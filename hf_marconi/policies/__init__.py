@@ -1,22 +1,34 @@
-"""Admission and eviction policies over the prefix tree: Marconi, SGLang+ (LRU), vLLM+ (blocks), no cache, alpha tuning."""
+"""Policies over the prefix tree, each an admission rule and an eviction rule (``ComposedPolicy``): Marconi, SGLang+
+(LRU), vLLM+ (blocks), no cache, or any other pairing of the rules; alpha tuning."""
 
 from hf_marconi.policies.alpha import PAPER_ALPHA_GRID, WIDE_ALPHA_GRID, AlphaTuner, Tuner, TuningRecord, oracle_alpha
-from hf_marconi.policies.base import CostModel, Policy
-from hf_marconi.policies.block import BlockPolicy
-from hf_marconi.policies.lru import LRUPolicy
-from hf_marconi.policies.marconi import MarconiPolicy, flop_efficiency
-from hf_marconi.policies.nocache import NoCachePolicy
+from hf_marconi.policies.admission import BlockAdmission, BranchPointAdmission, MarconiAdmission, NoAdmission
+from hf_marconi.policies.base import AdmissionRule, CostModel, EvictionRule, Policy
+from hf_marconi.policies.composed import ComposedPolicy
+from hf_marconi.policies.efficiency import flop_efficiency
+from hf_marconi.policies.lru import LRUEviction
+from hf_marconi.policies.marconi import MarconiEviction
+from hf_marconi.policies.paper import BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy
 from hf_marconi.policies.shadow import SHADOW_ALPHA_GRID, ShadowAlphaTuner, SwitchRecord
 
 __all__ = [
     "PAPER_ALPHA_GRID",
     "SHADOW_ALPHA_GRID",
     "WIDE_ALPHA_GRID",
+    "AdmissionRule",
     "AlphaTuner",
+    "BlockAdmission",
     "BlockPolicy",
+    "BranchPointAdmission",
+    "ComposedPolicy",
     "CostModel",
+    "EvictionRule",
+    "LRUEviction",
     "LRUPolicy",
+    "MarconiAdmission",
+    "MarconiEviction",
     "MarconiPolicy",
+    "NoAdmission",
     "NoCachePolicy",
     "Policy",
     "ShadowAlphaTuner",

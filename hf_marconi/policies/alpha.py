@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from hf_marconi.policies.base import CostModel
-from hf_marconi.policies.marconi import MarconiPolicy
+from hf_marconi.policies.paper import MarconiPolicy
 
 if TYPE_CHECKING:
     from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan, StateSizes, StoreStats, TreeSnapshot

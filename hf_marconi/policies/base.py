@@ -1,7 +1,11 @@
-"""The policy protocol: where to take checkpoints (admission), what to refresh on access, what to drop (eviction).
+"""The protocols of a policy: an admission rule (where to take checkpoints) and an eviction rule (what to refresh on
+access, what to drop), which :class:`~hf_marconi.policies.composed.ComposedPolicy` joins into the :class:`Policy` the
+store calls.
 
-A policy never mutates the tree: it returns positions, refreshes recency fields, and picks a victim among the
-candidates the store hands it. The store does the mutation (decide, then act).
+A rule never mutates the tree's structure: admission returns positions, eviction refreshes recency fields and picks a
+victim among the candidates the store hands it. The store does the mutation (decide, then act). The tree holds no
+policy value: a rule that memoises something per node keeps the memo itself (Marconi's, keyed by the tree's
+structural version stamps).
 """
 
 from __future__ import annotations
@@ -17,15 +21,10 @@ class CostModel(Protocol):
     def extend_flops(self, prefix_len: int, extend_len: int) -> float: ...
 
 
-class Policy(Protocol):
-    name: str
+class AdmissionRule(Protocol):
+    """Where a request's states are checkpointed."""
+
     max_new_checkpoints: int | None  # checkpoints one request may add; None for no limit
-    alpha: float | None  # the FLOP-efficiency weight for policies that have one (Marconi), else None
-    # Eviction candidates: unlocked leaves (True) or unlocked nodes with at most one child (False).
-    evicts_leaves_only: bool
-    # True when a node's eviction order is a pure function of the node (``priority``): the store then pops victims
-    # from a heap instead of asking ``choose_victim`` to scan all candidates for every victim.
-    per_node_priority: bool
 
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
                           repeat_rate: float = 0.0) -> tuple[int, ...]:
@@ -38,6 +37,16 @@ class Policy(Protocol):
         """Whether to checkpoint the end of the fed sequence (``end`` tokens: the input and every generated token but
         the last, which is never fed). A live call can take a state there and nowhere else during decoding."""
         ...
+
+
+class EvictionRule(Protocol):
+    """What an access refreshes and which stored node goes first when the store needs room."""
+
+    # Eviction candidates: unlocked leaves (True) or unlocked nodes with at most one child (False).
+    evicts_leaves_only: bool
+    # True when a node's eviction order is a pure function of the node (``priority``): the store then pops victims
+    # from a heap instead of asking ``choose_victim`` to scan all candidates for every victim.
+    per_node_priority: bool
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         """Refresh recency after a lookup: ``path`` are the fully matched nodes, ``reused`` the node reused (or None)."""
@@ -52,13 +61,16 @@ class Policy(Protocol):
         ...
 
 
-def branch_point(reuse_len: int, branch_len: int | None) -> tuple[int, ...]:
-    """The admission Marconi and SGLang+ share during prefill: the branch point, when it lies past the reused
-    prefix."""
-    return (branch_len,) if branch_len is not None and branch_len > reuse_len else ()
-
-
-class PerNodePriorityPolicy(Policy, Protocol):
-    """A policy with ``per_node_priority = True``: ``choose_victim`` returns the candidate of lowest ``priority``."""
+class PerNodePriority(EvictionRule, Protocol):
+    """An eviction rule with ``per_node_priority = True``: ``choose_victim`` returns the candidate of lowest
+    ``priority``."""
 
     def priority(self, node: Node) -> tuple[int, int]: ...
+
+
+class Policy(AdmissionRule, EvictionRule, Protocol):
+    """What the store calls: an admission rule and an eviction rule under one name. ``alpha`` is the FLOP-efficiency
+    weight of an eviction rule that has one (Marconi's), else None; alpha tuners set it between requests."""
+
+    name: str
+    alpha: float | None

@@ -1,54 +1,13 @@
-"""Marconi: admission at branch points and sequence ends, eviction by recency + alpha * FLOP efficiency."""
+"""Marconi's eviction rule: among nodes with at most one child, the lowest recency + alpha * FLOP efficiency."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
-from hf_marconi.policies.base import CostModel, branch_point
+from hf_marconi.policies.base import CostModel
+from hf_marconi.policies.efficiency import EfficiencyMemo
 from hf_marconi.tree import Node
-
-
-def fallback_depth(node: Node) -> int:
-    """Prefix length a lookup would resume from if ``node``'s checkpoint were gone: that of the nearest ancestor holding
-    a checkpoint (0 at the root). A checkpoint-less parent (a branch node) cannot be resumed from."""
-    ancestor = node.parent
-    while ancestor is not None and ancestor.parent is not None and ancestor.checkpoint is None:
-        ancestor = ancestor.parent
-    return ancestor.depth if ancestor is not None else 0
-
-
-def bytes_freed_by_eviction(node: Node) -> int:
-    """What evicting ``node`` gives back, which is also what keeping it costs: a leaf's edge KV and checkpoint; only the
-    checkpoint of a single-child node, whose edge KV folds into its child and stays stored."""
-    if node.children:
-        return node.checkpoint.nbytes if node.checkpoint is not None else 0
-    return node.nbytes
-
-
-def flops_saved_over_parent(node: Node, costs: CostModel) -> float:
-    """FLOPs a hit on ``node`` saves beyond the hit a lookup would get without it: extending the prefix of the nearest
-    checkpointed ancestor (the paper's "parent"; a checkpoint-less parent is skipped) to the node's."""
-    start = fallback_depth(node)
-    return costs.extend_flops(start, node.depth - start)
-
-
-def flop_efficiency(node: Node, costs: CostModel) -> float:
-    """FLOPs saved over the parent per byte evicting the node frees (:func:`bytes_freed_by_eviction`).
-
-    The reference simulator divides by the KV of the whole prefix instead. Dividing a single-child node's savings by
-    its edge KV too would count bytes its eviction does not free (that KV folds into the child and stays): the node
-    would look less efficient than it is, and a large alpha would pick it, freeing one checkpoint, where a leaf of
-    lower value per byte freed should go."""
-    return flops_saved_over_parent(node, costs) / max(bytes_freed_by_eviction(node), 1)
-
-
-def _cached_efficiency(node: Node, costs: CostModel) -> float:
-    """flop_efficiency memoised on the node (the tree clears the memo whenever an input of the efficiency changes: the
-    node's edge or checkpoint, whether it has children, its nearest checkpointed ancestor)."""
-    if node.score_cache is None:
-        node.score_cache = flop_efficiency(node, costs)
-    return node.score_cache  # type: ignore[return-value]
 
 
 RECENCY_SCORES = ("linear", "inverse-age")
@@ -79,45 +38,23 @@ def _normalise(values: list[float]) -> list[float]:
 
 
 @dataclass
-class MarconiPolicy:
-    """Marconi (Pan et al., MLSys 2025).
-
-    Admission: a checkpoint at the branch point speculative insertion finds (purely-input reuse) and one after the last
-    token of the sequence (input+output reuse); when at least ``repeat_threshold`` of recent lookups found their whole
-    prompt stored (a workload that repeats prompts), also one at the prompt's last token but one, so that a prompt hits
-    on its second occurrence rather than its third (None: never). At most three per request. Eviction: among nodes with at most one child,
-    the lowest ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates; recency per
-    ``recency``, see :func:`recency_scores`). Only the reused node's recency is refreshed on a hit. ``alpha`` may be
-    changed between requests by an alpha tuner.
-    """
+class MarconiEviction:
+    """Marconi's eviction (Pan et al., MLSys 2025): among nodes with at most one child, the lowest
+    ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates; recency per ``recency``, see
+    :func:`recency_scores`). Only the reused node's recency is refreshed on a hit. ``alpha`` may be changed between
+    requests by an alpha tuner. The efficiencies are memoised per node (:class:`EfficiencyMemo`)."""
 
     alpha: float = 0.0
     recency: str = "linear"
-    repeat_threshold: float | None = 0.05
-    name: str = "marconi"
-    max_new_checkpoints: int | None = 3
-    evicts_leaves_only: bool = False
-    per_node_priority: bool = False  # min-max normalisation ranks a node against the other candidates
+    memo: EfficiencyMemo = field(default_factory=EfficiencyMemo, init=False, repr=False, compare=False)
+    evicts_leaves_only: ClassVar[bool] = False
+    per_node_priority: ClassVar[bool] = False  # min-max normalisation ranks a node against the other candidates
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ValueError(f"alpha weighs FLOP efficiency against recency and must be >= 0, got {self.alpha}")
-        if self.repeat_threshold is not None and not 0 < self.repeat_threshold <= 1:
-            raise ValueError(f"repeat_threshold is a share of lookups in (0, 1] (or None), got {self.repeat_threshold}")
         if self.recency not in RECENCY_SCORES:
             raise ValueError(f"unknown recency score {self.recency!r}; choose one of {RECENCY_SCORES}")
-
-    def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,
-                          repeat_rate: float = 0.0) -> tuple[int, ...]:
-        positions = branch_point(reuse_len, branch_len)
-        prompt_end = input_len - 1
-        if (self.repeat_threshold is not None and repeat_rate >= self.repeat_threshold and prompt_end > reuse_len
-                and prompt_end not in positions):
-            positions += (prompt_end,)  # so that the prompt's next occurrence hits all but its last token
-        return positions
-
-    def keeps_end(self, input_len: int, end: int) -> bool:
-        return True
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         if reused is not None:
@@ -133,7 +70,7 @@ class MarconiPolicy:
         if self.alpha == 0:
             scores = recency
         else:
-            efficiency = _normalise([_cached_efficiency(n, costs) for n in candidates])
+            efficiency = _normalise(self.memo.efficiencies(candidates, costs))
             scores = [r + self.alpha * e for r, e in zip(recency, efficiency)]
         # Lowest score; ties go to the least recent, then the oldest node (tuples compare in C, no key function).
         *_, best = min(zip(scores, [n.last_access for n in candidates], [n.uid for n in candidates], range(len(scores))))

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hf_marconi.policies.marconi import MarconiPolicy
+from hf_marconi.policies.paper import MarconiPolicy
 
 if TYPE_CHECKING:
     from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan
