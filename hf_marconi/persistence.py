@@ -347,10 +347,6 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
             cache.store.load_snapshot(snapshot)
         except ValueError as error:
             raise PersistenceError(f"{path} cannot be loaded into this cache: {error}") from None
-        # Loaded states sit on the layers' devices; a TieredStorage on this cache spills what its fast tier cannot hold.
-        tiers = getattr(cache.store, "_hf_marconi_tiers", None)
-        if tiers is not None:
-            tiers.rebalance()
     return len(snapshot.entries)
 
 

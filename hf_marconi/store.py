@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from hf_marconi.eviction import HeapOrder, ScanOrder, VictimOrder
 from hf_marconi.policies.base import CostModel, Policy
@@ -28,6 +28,19 @@ if TYPE_CHECKING:
     from hf_marconi.policies.alpha import Tuner
 
 CommitObserver = Callable[["PrefixStore", "RequestPlan", tuple[int, ...], "AdmitResult"], None]
+
+
+class Placement(Protocol):
+    """Where the stored payloads live (storage tiers: ``hf_marconi.tiers.TieredStorage``), registered with
+    :meth:`PrefixStore.set_placement`.
+
+    The store calls ``place(tree)`` with its lock held whenever what it stores or their recency may have changed: after
+    every commit (counted or not: a batched row's prompt admission stores entries too), every abort (releasing a lock
+    may fold nodes together), every load, and once at registration. Payloads move only through
+    :meth:`RadixTree.replace_payloads`, which keeps the tree's byte accounting."""
+
+    def place(self, tree: RadixTree) -> None: ...
+
 
 # Lookups after which a repeated prompt's weight in the store's repeat rate has halved (the rate admission reads).
 REPEAT_HALF_LIFE = 200
@@ -215,6 +228,7 @@ class PrefixStore:
         self._repeat_rate = 0.0  # decayed share of lookups that found their whole prompt stored (REPEAT_HALF_LIFE)
         self._lock = threading.RLock()
         self._observers: list[CommitObserver] = []
+        self._placement: Placement | None = None
         if tuner is not None:
             tuner.attach(self)
 
@@ -223,6 +237,21 @@ class PrefixStore:
         with the store's lock held (alpha tuners observe the traffic this way)."""
         with self._lock:
             self._observers.append(observer)
+
+    def set_placement(self, placement: Placement) -> None:
+        """Have ``placement`` place the stored payloads from now on (see :class:`Placement`), starting with those stored
+        already. A store has at most one."""
+        with self._lock:
+            if self._placement is not None:
+                raise ValueError(f"this store already has a placement ({type(self._placement).__name__}); a store has "
+                                 "one: build a new cache (or PrefixStore) for another")
+            self._placement = placement
+            self._place()
+
+    def _place(self) -> None:
+        """Let the placement, if any, place the stored payloads (with the lock held)."""
+        if self._placement is not None:
+            self._placement.place(self._tree)
 
     # ------------------------------------------------------------------------------------------------- plan
     def plan(self, input_ids: Sequence[int], also_branches_at: Sequence[int] = (), count: bool = True) -> RequestPlan:
@@ -372,6 +401,7 @@ class PrefixStore:
                 self._stats.commits += 1
                 for observer in self._observers:
                     observer(self, plan, seq, result)
+            self._place()
             return result
 
     def _admit(
@@ -496,6 +526,7 @@ class PrefixStore:
                 return
             self._check_open(plan)
             self._release(plan.receipt)
+            self._place()
 
     def _outlived_by_clear(self, plan: RequestPlan) -> bool:
         """Whether ``plan`` was made before the latest :meth:`clear` (its lock was on the dropped tree)."""
@@ -635,6 +666,7 @@ class PrefixStore:
             self._clock = max(self._clock, snapshot.clock)
             self._stats.bytes = tree.nbytes
             self._stats.peak_bytes = max(self._stats.peak_bytes, tree.nbytes)
+            self._place()  # loaded states sit where the loader put them, e.g. all on the fast tier
 
     @classmethod
     def from_snapshot(

@@ -278,6 +278,41 @@ def test_from_snapshot_keeps_every_byte_count_and_simulated_drops_the_payloads()
         uneven.simulated()
 
 
+class RecordingPlacement:
+    """A placement that moves nothing and records, at each call, the commits counted and the bytes stored."""
+
+    def __init__(self, store: PrefixStore):
+        self.store = store
+        self.calls: list[tuple[int, int]] = []
+
+    def place(self, tree) -> None:
+        assert tree is self.store.tree and self.store.lock._is_owned()  # the live tree, under the store's lock
+        self.calls.append((self.store.stats().commits, tree.nbytes))
+
+
+def test_the_store_calls_its_placement_after_every_commit_abort_and_load():
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    run(store, (1, 2, 3, 4), (5,))
+    placement = RecordingPlacement(store)
+    store.set_placement(placement)
+    assert placement.calls == [(1, store.nbytes)]  # the entries stored already are placed at registration
+    plan = store.plan((1, 2, 3, 4, 5, 6, 7), count=False)  # an uncounted commit (a batched row's prompt) stores too
+    store.commit(plan, plan.input_ids, lambda s, e: SimulatedEdge(e - s, 3), {7: SimulatedCheckpoint(10)}, count=False)
+    assert placement.calls[-1] == (1, store.nbytes) and store.nbytes > placement.calls[0][1]
+    run(store, (1, 2, 3, 4, 5, 6, 7, 8), (9,))
+    assert placement.calls[-1] == (2, store.nbytes)
+    store.abort(store.plan((1, 2, 3, 4, 5, 6, 7, 8, 9)))
+    assert len(placement.calls) == 4
+    with pytest.raises(ValueError, match="already has a placement"):
+        store.set_placement(RecordingPlacement(store))
+    loaded = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    on_load = RecordingPlacement(loaded)
+    loaded.set_placement(on_load)
+    loaded.load_snapshot(store.snapshot())
+    assert on_load.calls == [(0, 0), (0, store.nbytes)]
+    assert "commit" not in vars(store)  # nothing patched on the instance
+
+
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_abort_leaves_tree_and_recency_identical(policy):
     store = PrefixStore(10**6, POLICIES[policy](), QuadraticCosts(), SIZES)
