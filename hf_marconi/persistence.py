@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 
 from .cache import MarconiCache
 from .states import DeviceSpec, KVEdge, StateCheckpoint
-from .store import INPUT_OUTPUT, PURELY_INPUT, StoredEntry
+from .store import INPUT_OUTPUT, PURELY_INPUT, StoredEntry, StoreSnapshot
 
 FORMAT_NAME = "hf_marconi.prefix_store"
 # 2: the config fingerprint leaves out where the model was loaded from (keys starting with _).
@@ -151,8 +151,8 @@ def save_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
     target = Path(path)
     if target.is_dir():
         raise PersistenceError(f"{target} is a directory; pass a file path such as {target / 'cache.safetensors'}")
-    entries = cache.store.entries()  # one consistent set, under the store's lock; payloads are never written in place
-    counts, tensors = _tensors_of(entries, cache)
+    snapshot = cache.store.snapshot()  # one consistent set, under the store's lock; payloads are never written in place
+    counts, tensors = _tensors_of(snapshot.entries, cache)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -169,7 +169,7 @@ def save_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
     return manifest
 
 
-def _tensors_of(entries: list[StoredEntry], cache: MarconiCache) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+def _tensors_of(entries: Sequence[StoredEntry], cache: MarconiCache) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
     """The counts and the tensors (CPU copies) of a file holding ``entries``."""
     shapes = cache.state_shapes
     for index, entry in enumerate(entries):
@@ -225,7 +225,7 @@ def _check_saveable(index: int, entry: StoredEntry, cache: MarconiCache) -> None
                                "cache's")
 
 
-def _encode_keys(entries: list[StoredEntry]) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_keys(entries: Sequence[StoredEntry]) -> tuple[torch.Tensor, torch.Tensor]:
     """``tree.tokens`` and ``tree.namespaces``: a key below 2**32 is stored as is, a larger one (a CacheSalt key) as
     ``j << 32 | key & 0xFFFFFFFF`` with ``key >> 32`` in row j - 1 of the namespace table."""
     spaces: dict[int, int] = {}  # namespace -> j
@@ -336,7 +336,7 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
             f"model's is {weights_probe(cache.model)!r}): stored states only fit the weights they came from"
         )
     counts = _check_declared_tensors(path, manifest, cache)
-    entries = _read_entries(path, manifest["tensors"], counts, cache)
+    snapshot = _read_snapshot(path, manifest["tensors"], counts, cache)
     with cache.store.lock:
         if cache.store.nbytes or cache.store.tree.root.children:
             raise PersistenceError(
@@ -344,14 +344,10 @@ def load_cache(cache: MarconiCache, path: str | os.PathLike[str], key: bytes | N
                 "states. Load into a freshly built MarconiCache, or call cache.clear() first"
             )
         try:
-            cache.store.load_entries(entries)
+            cache.store.load_snapshot(snapshot)
         except ValueError as error:
             raise PersistenceError(f"{path} cannot be loaded into this cache: {error}") from None
-        # Loaded states sit on the layers' devices; a TieredStorage on this cache spills what its fast tier cannot hold.
-        tiers = getattr(cache.store, "_hf_marconi_tiers", None)
-        if tiers is not None:
-            tiers.rebalance()
-    return len(entries)
+    return len(snapshot.entries)
 
 
 def _check_declared_tensors(
@@ -389,11 +385,11 @@ def _check_declared_tensors(
     return counts
 
 
-def _read_entries(
+def _read_snapshot(
     path: str | os.PathLike[str], declared: dict[str, dict[str, Any]], counts: dict[str, int], cache: MarconiCache
-) -> list[StoredEntry]:
-    """The file's entries, placed where this cache keeps states. Every tensor is checked against the manifest's dtype,
-    shape and SHA-256, and the tree before any state is copied."""
+) -> StoreSnapshot:
+    """The file's entries, placed where this cache keeps states, with the clock at their latest access. Every tensor is
+    checked against the manifest's dtype, shape and SHA-256, and the tree before any state is copied."""
     try:
         with safe_open(str(path), framework="pt") as reader:
             differing = sorted(set(reader.keys()) ^ set(declared))[:5]
@@ -446,7 +442,7 @@ def _read_entries(
         edge = KVEdge(len(key), {layer: (pair[0][index], pair[1][index]) for layer, pair in kv.items()})
         prefix_len = (entries[parent].prefix_len if parent >= 0 else 0) + len(key)
         entries.append(StoredEntry(prefix_len, key, parent, edge, checkpoint, ORIGINS[origins[index]], clock[index]))
-    return entries
+    return StoreSnapshot(tuple(entries), max(clock, default=0))
 
 
 def _copy_checked(

@@ -8,8 +8,8 @@ through :meth:`PrefixStore.plan` (look up and lock the reusable prefix, choose p
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from hf_marconi.eviction import HeapOrder, ScanOrder, VictimOrder
 from hf_marconi.policies.base import CostModel, Policy
@@ -28,6 +28,19 @@ if TYPE_CHECKING:
     from hf_marconi.policies.alpha import Tuner
 
 CommitObserver = Callable[["PrefixStore", "RequestPlan", tuple[int, ...], "AdmitResult"], None]
+
+
+class Placement(Protocol):
+    """Where the stored payloads live (storage tiers: ``hf_marconi.tiers.TieredStorage``), registered with
+    :meth:`PrefixStore.set_placement`.
+
+    The store calls ``place(tree)`` with its lock held whenever what it stores or their recency may have changed: after
+    every commit (counted or not: a batched row's prompt admission stores entries too), every abort (releasing a lock
+    may fold nodes together), every load, and once at registration. Payloads move only through
+    :meth:`RadixTree.replace_payloads`, which keeps the tree's byte accounting."""
+
+    def place(self, tree: RadixTree) -> None: ...
+
 
 # Lookups after which a repeated prompt's weight in the store's repeat rate has halved (the rate admission reads).
 REPEAT_HALF_LIFE = 200
@@ -137,9 +150,10 @@ class StoreStats:
 
 @dataclass(frozen=True)
 class StoredEntry:
-    """One stored node, as :meth:`PrefixStore.entries` lists it and :meth:`PrefixStore.load_entries` takes it back.
+    """One stored node, as a :class:`StoreSnapshot` lists it.
 
-    Entries come parents first; the payloads are the store's own objects and must not be mutated (copy out of them).
+    The payloads are the store's own objects and must not be mutated (copy out of them): stored payloads are replaced,
+    never written in place.
     """
 
     prefix_len: int  # tokens from the root to the end of this node's edge
@@ -152,21 +166,19 @@ class StoredEntry:
 
 
 @dataclass(frozen=True)
-class _SnapshotNode:
-    parent: int  # index into TreeSnapshot.nodes, -1 for the root
-    key: tuple[int, ...]
-    edge_bytes_per_token: int
-    checkpoint_bytes: int | None
-    origin: str | None
-    last_access: int
+class StoreSnapshot:
+    """Every stored entry at one moment (parents before children) and the store's logical clock.
 
+    What persistence saves and :meth:`PrefixStore.load_snapshot` rebuilds a live store from, and what alpha tuning
+    replays from (:meth:`PrefixStore.from_snapshot` reduces the payloads to byte counts)."""
 
-@dataclass(frozen=True)
-class TreeSnapshot:
-    """The tree's shape and byte counts at one moment, payloads reduced to sizes (parents listed before children)."""
-
-    nodes: tuple[_SnapshotNode, ...]
+    entries: tuple[StoredEntry, ...]
     clock: int
+
+    def simulated(self) -> "StoreSnapshot":
+        """The same entries with byte counts in place of their payloads (:class:`SimulatedEdge`,
+        :class:`SimulatedCheckpoint`, same bytes): keeping it keeps no stored state alive after the store evicts it."""
+        return StoreSnapshot(tuple(_simulated(entry) for entry in self.entries), self.clock)
 
 
 def branch_points(ids: Sequence[int], others: Iterable[Sequence[int]], limit: int | None) -> tuple[int, ...]:
@@ -216,6 +228,7 @@ class PrefixStore:
         self._repeat_rate = 0.0  # decayed share of lookups that found their whole prompt stored (REPEAT_HALF_LIFE)
         self._lock = threading.RLock()
         self._observers: list[CommitObserver] = []
+        self._placement: Placement | None = None
         if tuner is not None:
             tuner.attach(self)
 
@@ -224,6 +237,21 @@ class PrefixStore:
         with the store's lock held (alpha tuners observe the traffic this way)."""
         with self._lock:
             self._observers.append(observer)
+
+    def set_placement(self, placement: Placement) -> None:
+        """Have ``placement`` place the stored payloads from now on (see :class:`Placement`), starting with those stored
+        already. A store has at most one."""
+        with self._lock:
+            if self._placement is not None:
+                raise ValueError(f"this store already has a placement ({type(self._placement).__name__}); a store has "
+                                 "one: build a new cache (or PrefixStore) for another")
+            self._placement = placement
+            self._place()
+
+    def _place(self) -> None:
+        """Let the placement, if any, place the stored payloads (with the lock held)."""
+        if self._placement is not None:
+            self._placement.place(self._tree)
 
     # ------------------------------------------------------------------------------------------------- plan
     def plan(self, input_ids: Sequence[int], also_branches_at: Sequence[int] = (), count: bool = True) -> RequestPlan:
@@ -373,6 +401,7 @@ class PrefixStore:
                 self._stats.commits += 1
                 for observer in self._observers:
                     observer(self, plan, seq, result)
+            self._place()
             return result
 
     def _admit(
@@ -497,6 +526,7 @@ class PrefixStore:
                 return
             self._check_open(plan)
             self._release(plan.receipt)
+            self._place()
 
     def _outlived_by_clear(self, plan: RequestPlan) -> bool:
         """Whether ``plan`` was made before the latest :meth:`clear` (its lock was on the dropped tree)."""
@@ -594,11 +624,11 @@ class PrefixStore:
         result = self._commit(plan, seq, lambda start, end: SimulatedEdge(end - start, kv), {p: ckpt for p in positions})
         return plan, result
 
-    # ------------------------------------------------------------------------------------------ persistence
-    def entries(self) -> list[StoredEntry]:
+    # ------------------------------------------------------------------------------------------ snapshots
+    def snapshot(self) -> StoreSnapshot:
         """Every stored node, parents before children (depth-first, children in key order), taken under the lock.
 
-        For saving the store: the payloads are the stored objects themselves, to be read, never mutated."""
+        The payloads are the stored objects themselves, to be read, never mutated."""
         with self._lock:
             index = {self._tree.root.uid: -1}
             out: list[StoredEntry] = []
@@ -607,69 +637,64 @@ class PrefixStore:
                 index[node.uid] = len(out)
                 out.append(StoredEntry(node.depth, node.key, index[node.parent.uid], node.edge, node.checkpoint,
                                        node.origin, node.last_access))
-            return out
+            return StoreSnapshot(tuple(out), self._clock)
 
-    def load_entries(self, entries: Sequence[StoredEntry]) -> None:
-        """Rebuild the tree from ``entries`` (as :meth:`entries` lists them) into this store, which must be empty.
+    def load_snapshot(self, snapshot: StoreSnapshot) -> None:
+        """Rebuild the tree from ``snapshot`` into this store, which must be empty.
 
         The tree is built aside and swapped in only when every entry is valid, so on any error (ValueError naming the
-        entry and the problem) the store is left unchanged. The logical clock continues from the largest
-        ``last_access``; statistics other than bytes are not restored."""
+        entry and the problem) the store is left unchanged. The logical clock continues from the snapshot's;
+        statistics other than bytes are not restored."""
         with self._lock:
             if self._tree.root.children or self._open:
-                raise ValueError("load_entries needs an empty store with no open plan; load into a new PrefixStore")
-            tree = _tree_from_entries(entries)
+                raise ValueError("load_snapshot needs an empty store with no open plan; load into a new PrefixStore")
+            if not isinstance(snapshot, StoreSnapshot):
+                raise ValueError(f"expected a StoreSnapshot, got a {type(snapshot).__name__}")
+            tree = _tree_from_entries(snapshot.entries)
+            latest = max((e.last_access for e in snapshot.entries), default=0)
+            if type(snapshot.clock) is not int or snapshot.clock < latest:
+                raise ValueError(f"the snapshot's clock {snapshot.clock!r} must be an int no smaller than its entries' "
+                                 f"latest access ({latest})")
+            try:
+                tree.check_invariants()  # the structure rule: no checkpoint-less node with fewer than two children
+            except AssertionError as error:
+                raise ValueError(f"the entries do not form a valid store: {error}") from None
             if tree.nbytes > self.capacity_bytes:
                 raise ValueError(f"the entries hold {tree.nbytes} bytes, more than this store's capacity of "
                                  f"{self.capacity_bytes}; load them into a store with a larger capacity_bytes")
             self._tree = tree
-            self._clock = max([self._clock] + [e.last_access for e in entries])
+            self._clock = max(self._clock, snapshot.clock)
             self._stats.bytes = tree.nbytes
             self._stats.peak_bytes = max(self._stats.peak_bytes, tree.nbytes)
-
-    def snapshot(self) -> TreeSnapshot:
-        """The tree reduced to sizes, for replaying from this moment (alpha tuning)."""
-        with self._lock:
-            index = {self._tree.root.uid: -1}
-            nodes = []
-            for node in self._tree.nodes():  # depth-first: parents before children
-                assert node.parent is not None and node.edge is not None
-                index[node.uid] = len(nodes)
-                nodes.append(
-                    _SnapshotNode(
-                        parent=index[node.parent.uid],
-                        key=node.key,
-                        edge_bytes_per_token=node.edge.nbytes // len(node.key),
-                        checkpoint_bytes=node.checkpoint.nbytes if node.checkpoint is not None else None,
-                        origin=node.origin,
-                        last_access=node.last_access,
-                    )
-                )
-            return TreeSnapshot(tuple(nodes), self._clock)
+            self._place()  # loaded states sit where the loader put them, e.g. all on the fast tier
 
     @classmethod
     def from_snapshot(
-        cls, snapshot: TreeSnapshot, capacity_bytes: int, policy: Policy, costs: CostModel, sizes: StateSizes
+        cls, snapshot: StoreSnapshot, capacity_bytes: int, policy: Policy, costs: CostModel, sizes: StateSizes
     ) -> "PrefixStore":
-        """A simulated store holding the snapshot's entries (payloads are byte counts)."""
+        """A simulated store holding the snapshot's entries, payloads reduced to byte counts (alpha tuning).
+
+        Nodes a lock kept from folding away in the snapshotted store are copied as they are, unlocked."""
         store = cls(capacity_bytes, policy, costs, sizes)
-        tree = store._tree
-        built: list[Node] = []
-        for entry in snapshot.nodes:
-            parent = tree.root if entry.parent < 0 else built[entry.parent]
-            node = tree.add_leaf(parent, entry.key, SimulatedEdge(len(entry.key), entry.edge_bytes_per_token), 0)
-            node.last_access = entry.last_access
-            if entry.checkpoint_bytes is not None:
-                assert entry.origin is not None
-                tree.set_checkpoint(node, SimulatedCheckpoint(entry.checkpoint_bytes), entry.origin, entry.last_access)
-            built.append(node)
+        store._tree = _tree_from_entries(snapshot.simulated().entries)
         store._clock = snapshot.clock
-        store._stats.bytes = store._stats.peak_bytes = tree.nbytes
+        store._stats.bytes = store._stats.peak_bytes = store._tree.nbytes
         return store
 
 
+def _simulated(entry: StoredEntry) -> StoredEntry:
+    """``entry`` with byte counts of its payloads' sizes in place of the payloads."""
+    tokens, edge_bytes = len(entry.key), entry.edge.nbytes
+    if edge_bytes % tokens:
+        raise ValueError(f"the edge at prefix length {entry.prefix_len} holds {edge_bytes} bytes for {tokens} tokens; "
+                         "a simulated edge holds the same bytes for every token")
+    checkpoint = SimulatedCheckpoint(entry.checkpoint.nbytes) if entry.checkpoint is not None else None
+    return replace(entry, edge=SimulatedEdge(tokens, edge_bytes // tokens), checkpoint=checkpoint)
+
+
 def _tree_from_entries(entries: Sequence[StoredEntry]) -> RadixTree:
-    """A new tree holding ``entries``; raises ValueError naming the first invalid entry."""
+    """A new tree holding ``entries``; raises ValueError naming the first invalid entry. The structure rule is left to
+    the caller (a snapshot may hold checkpoint-less nodes that a lock kept from folding away)."""
     tree = RadixTree()
     built: list[Node] = []
     for i, entry in enumerate(entries):
@@ -699,8 +724,4 @@ def _tree_from_entries(entries: Sequence[StoredEntry]) -> RadixTree:
         if entry.checkpoint is not None:
             tree.set_checkpoint(node, entry.checkpoint, entry.origin, entry.last_access)
         built.append(node)
-    try:
-        tree.check_invariants()  # the structure rule: no checkpoint-less node with fewer than two children
-    except AssertionError as error:
-        raise ValueError(f"the entries do not form a valid store: {error}") from None
     return tree

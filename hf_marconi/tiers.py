@@ -1,10 +1,11 @@
 """Two storage tiers for a MarconiCache: a fast tier (the layers' own device, e.g. the GPU) and a spill tier (CPU).
 
-The store's ``capacity_bytes`` bounds both tiers together; the fast tier has its own, smaller capacity. After every
-commit, :class:`TieredStorage` keeps the most recently used entries on the fast tier, as many as fit its capacity
-(visited by recency, an entry that does not fit is skipped), and moves the others' tensors to the spill tier.
-A payload on a node is replaced by a moved copy of equal ``nbytes``, so the store's accounting and policy see no
-change. A restore copies stored tensors to each layer's device from either tier, so spilled entries still hit.
+The store's ``capacity_bytes`` bounds both tiers together; the fast tier has its own, smaller capacity.
+:class:`TieredStorage` is the store's placement (:class:`~hf_marconi.store.Placement`): after every commit, abort and
+load, the store has it keep the most recently used entries on the fast tier, as many as fit its capacity (visited by
+recency, an entry that does not fit is skipped), and move the others' tensors to the spill tier. A payload on a node
+is replaced through the tree by a moved copy of equal ``nbytes``, so the store's accounting and policy see no change.
+A restore copies stored tensors to each layer's device from either tier, so spilled entries still hit.
 
 Which tier a payload lies in is told by its type (:class:`SpilledKVEdge`, :class:`SpilledCheckpoint`), not by its
 device, so the accounting is the same when both tiers are on one device (as in CPU-only tests).
@@ -19,14 +20,11 @@ device, so the accounting is the same when both tiers are on one device (as in C
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 
 from .cache import MarconiCache
 from .states import DeviceSpec, KVEdge, StateCheckpoint, copy_to, map_payload
-from .tree import Node
+from .tree import Node, RadixTree
 
 
 class SpilledKVEdge(KVEdge):
@@ -84,9 +82,10 @@ class TieredStorage:
         fast_device: where fast-tier tensors live (default: the model's device).
         spill_device: where spilled tensors live (default: ``"cpu"``).
 
-    Installing wraps ``cache.store.commit`` on that instance so that every commit ends with :meth:`rebalance`.
-    Moving an edge that an eviction later concatenates with one on the other tier needs ``KVEdge.concat`` to put
-    both on one device (the spill tier's concatenations do).
+    It registers itself as the store's placement (``store.set_placement``, one per store): the store calls
+    :meth:`place` after every commit, abort and load, and once at registration for the entries stored already.
+    Moving an edge that an eviction later concatenates with one on the other tier needs ``KVEdge.concat`` to put both
+    on one device (the spill tier's concatenations do).
     """
 
     def __init__(
@@ -107,25 +106,13 @@ class TieredStorage:
                 f"the cache stores new states on {cache.storage_device!r}; build it with storage_device=None so that "
                 "new states start on the fast tier"
             )
-        if getattr(cache.store, "_hf_marconi_tiers", None) is not None:
-            raise ValueError("this cache already has a TieredStorage; build one per cache")
         self.cache = cache
         self.fast_capacity_bytes = fast_capacity_bytes
         self.fast_device = torch.device(fast_device) if fast_device is not None else cache.input_device
         self.spill_device = torch.device(spill_device)
         self.moves_to_spill = 0
         self.moves_to_fast = 0
-        store = cache.store
-        original = store.commit
-
-        @functools.wraps(original)
-        def commit_then_rebalance(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            self.rebalance()
-            return result
-
-        store.commit = commit_then_rebalance
-        store._hf_marconi_tiers = self
+        cache.store.set_placement(self)
 
     @property
     def spill_capacity_bytes(self) -> int:
@@ -139,31 +126,30 @@ class TieredStorage:
             return {"fast": self.cache.store.nbytes - spilled, "spill": spilled}
 
     def rebalance(self) -> None:
-        """Fill the fast tier with the most recently used entries that fit and spill the others (promoting spilled
-        entries that became recent). Runs after every commit, under the store's lock (requests in flight keep the
-        payloads they restored)."""
+        """Place the store's entries now (the store does so itself after every commit, abort and load)."""
         store = self.cache.store
-        with self.cache.store.lock:
-            nodes = sorted(store.tree.nodes(), key=lambda n: (-n.last_access, n.depth, n.uid))
-            room = self.fast_capacity_bytes
-            for node in nodes:
-                keep_fast = node.nbytes <= room
-                if keep_fast:
-                    room -= node.nbytes
-                if not _on_tier(node, spilled=not keep_fast):
-                    self._place(node, spilled=not keep_fast)
+        with store.lock:
+            self.place(store.tree)
 
-    def _place(self, node: Node, spilled: bool) -> None:
+    def place(self, tree: RadixTree) -> None:
+        """Fill the fast tier with the most recently used entries that fit and spill the others (promoting spilled
+        entries that became recent). Called by the store with its lock held (requests in flight keep the payloads
+        they restored)."""
+        nodes = sorted(tree.nodes(), key=lambda n: (-n.last_access, n.depth, n.uid))
+        room = self.fast_capacity_bytes
+        for node in nodes:
+            keep_fast = node.nbytes <= room
+            if keep_fast:
+                room -= node.nbytes
+            if not _on_tier(node, spilled=not keep_fast):
+                self._move(tree, node, spilled=not keep_fast)
+
+    def _move(self, tree: RadixTree, node: Node, spilled: bool) -> None:
         device = self.spill_device if spilled else self.fast_device
         assert node.edge is not None
         edge = move_edge(node.edge, device, spilled)  # type: ignore[arg-type]
         checkpoint = move_checkpoint(node.checkpoint, device, spilled) if node.checkpoint is not None else None
-        before = node.nbytes
-        node.edge = edge
-        if checkpoint is not None:
-            node.checkpoint = checkpoint
-        if node.nbytes != before or edge.nbytes + (checkpoint.nbytes if checkpoint else 0) != before:
-            raise RuntimeError(f"moving {node} between tiers changed its size; the store's accounting would break")
+        tree.replace_payloads(node, edge, checkpoint)
         if spilled:
             self.moves_to_spill += 1
         else:

@@ -302,6 +302,27 @@ class RadixTree:
         self._bump_versions_below(node)
         self.nbytes += checkpoint.nbytes
 
+    def replace_payloads(self, node: Node, edge: EdgePayload, checkpoint: Payload | None) -> None:
+        """Put ``edge`` and ``checkpoint`` in place of ``node``'s payloads (copies held elsewhere, e.g. on another
+        storage tier). Refuses (ValueError) a replacement that changes what the node holds: its tokens, whether it has
+        a checkpoint, or either payload's bytes, so the byte accounting (and any score of the node) stays true."""
+        if node.parent is None or node.edge is None:
+            raise ValueError(f"{node} is the root or no longer in the tree: it holds no payloads to replace")
+        num_tokens = getattr(edge, "num_tokens", len(node.key))
+        if num_tokens != len(node.key):
+            raise ValueError(f"the new edge payload holds {num_tokens} tokens for the {len(node.key)}-token key of "
+                             f"{node}")
+        if (checkpoint is None) != (node.checkpoint is None):
+            raise ValueError(f"replacing the payloads of {node} would add or drop its checkpoint; use set_checkpoint "
+                             "or evict it instead")
+        old = (node.edge.nbytes, node.checkpoint.nbytes if node.checkpoint is not None else 0)
+        new = (edge.nbytes, checkpoint.nbytes if checkpoint is not None else 0)
+        if new != old:
+            raise ValueError(f"replacing the payloads of {node} would change their bytes (edge, checkpoint) from {old} "
+                             f"to {new}; a replacement must hold the same bytes")
+        node.edge = edge
+        node.checkpoint = checkpoint
+
     def remove_leaf(self, node: Node) -> int:
         """Drop a leaf with its edge and checkpoint; returns the bytes freed."""
         if node.children or node.parent is None or node.lock_ref:

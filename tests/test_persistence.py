@@ -29,7 +29,7 @@ from hf_marconi.persistence import (
     save_cache,
 )
 from hf_marconi.states import KVEdge, map_payload
-from hf_marconi.store import INPUT_OUTPUT, StoredEntry
+from hf_marconi.store import INPUT_OUTPUT, StoredEntry, StoreSnapshot
 from hf_marconi.testing import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_corrupted_files_raise_and_load_nothing(saved, bamba, tmp_path, kind):
     cache = MarconiCache(bamba, capacity_bytes=CAPACITY)
     with pytest.raises(PersistenceError, match=message):
         load_cache(cache, bad)
-    assert cache.store.nbytes == 0 and not cache.store.entries()
+    assert cache.store.nbytes == 0 and not cache.store.snapshot().entries
     cache.check_invariants()
     load_cache(cache, path)  # the intact file still loads into the same cache
     assert cache.store.nbytes > 0
@@ -276,8 +276,8 @@ def test_a_salted_cache_round_trips(bamba, tmp_path):
     assert manifest["counts"]["namespaces"] == 2
     reloaded = MarconiCache(bamba, capacity_bytes=CAPACITY)
     load_cache(reloaded, tmp_path / "salted.safetensors")
-    stored = [(e.key, e.parent, e.origin) for e in reloaded.store.entries()]
-    assert stored == [(e.key, e.parent, e.origin) for e in cache.store.entries()]
+    stored = [(e.key, e.parent, e.origin) for e in reloaded.store.snapshot().entries]
+    assert stored == [(e.key, e.parent, e.origin) for e in cache.store.snapshot().entries]
     assert max(max(key) for key, _, _ in stored) > 2**256
     prompt = history["alice"] + [11, 12]
     out = _generate(bamba, prompt, past_key_values=reloaded, cache_salt="alice", cache_salt_from=8)
@@ -291,14 +291,14 @@ def _chain(model, nodes: int, tokens_per_node: int) -> MarconiCache:
     rng = random.Random(nodes)
     scratch = MarconiCache(model, capacity_bytes=CAPACITY)
     _generate(model, _tokens(6, rng), past_key_values=scratch)
-    template = scratch.store.entries()[0].checkpoint
+    template = scratch.store.snapshot().entries[0].checkpoint
     cache = MarconiCache(model, capacity_bytes=CAPACITY)
     entries = [
         StoredEntry((i + 1) * tokens_per_node, tuple(_tokens(tokens_per_node, rng)), i - 1,
                     KVEdge(tokens_per_node, {}), map_payload(template, torch.clone), INPUT_OUTPUT, i)
         for i in range(nodes)
     ]
-    cache.store.load_entries(entries)
+    cache.store.load_snapshot(StoreSnapshot(tuple(entries), nodes - 1))
     return cache
 
 
@@ -315,6 +315,6 @@ def test_the_header_does_not_grow_with_stored_tokens(tmp_path):
             (header_bytes[nodes],) = struct.unpack("<Q", handle.read(8))
         reloaded = MarconiCache(model, capacity_bytes=CAPACITY)
         assert load_cache(reloaded, path) == nodes
-        assert [e.key for e in reloaded.store.entries()] == [e.key for e in cache.store.entries()]
-    assert sum(len(e.key) for e in reloaded.store.entries()) == 200_000
+        assert [e.key for e in reloaded.store.snapshot().entries] == [e.key for e in cache.store.snapshot().entries]
+    assert sum(len(e.key) for e in reloaded.store.snapshot().entries) == 200_000
     assert abs(header_bytes[20] - header_bytes[1]) < 1024, header_bytes

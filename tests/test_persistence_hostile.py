@@ -33,7 +33,7 @@ def saved(model, tmp_path):
     prompt = torch.randint(3, 250, (1, 20), generator=torch.Generator().manual_seed(0))
     model.generate(prompt, past_key_values=cache, **SETTINGS)
     model.generate(torch.cat([prompt[:, :10], prompt[:, 10:] + 1], dim=1), past_key_values=cache, **SETTINGS)
-    assert len(cache.store.entries()) == 3
+    assert len(cache.store.snapshot().entries) == 3
     path = tmp_path / "cache.safetensors"
     save_cache(cache, path, key=b"secret")
     return path
@@ -100,7 +100,7 @@ def test_declared_sizes_beyond_capacity_are_refused_before_any_tensor_is_read(mo
                 facts["shape"] = [10**12 * 32]
 
     _rewrite(saved, inflate, key=b"secret")
-    monkeypatch.setattr(persistence, "_read_entries", _must_not_read)
+    monkeypatch.setattr(persistence, "_read_snapshot", _must_not_read)
     with pytest.raises(PersistenceError, match="more than this cache's capacity"):
         load_cache(_empty_cache(model), saved, key=b"secret")
 
@@ -110,7 +110,7 @@ def test_a_shape_its_counts_do_not_make_is_refused_before_any_tensor_is_read(mod
         manifest["tensors"]["kv.1.keys"]["shape"] = [10**9]
 
     _rewrite(saved, inflate, key=b"secret")
-    monkeypatch.setattr(persistence, "_read_entries", _must_not_read)
+    monkeypatch.setattr(persistence, "_read_snapshot", _must_not_read)
     with pytest.raises(PersistenceError, match="tensor 'kv.1.keys' .* make it float32"):
         load_cache(_empty_cache(model), saved, key=b"secret")
 
@@ -170,7 +170,7 @@ def test_loaded_states_do_not_depend_on_the_file_afterwards(model, saved):
 
     def stored() -> list[torch.Tensor]:
         tensors = []
-        for entry in cache.store.entries():
+        for entry in cache.store.snapshot().entries:
             tensors += [t for pair in entry.edge.kv.values() for t in pair]
             if entry.checkpoint is not None:
                 tensors += list(entry.checkpoint.tensors().values())
@@ -267,7 +267,7 @@ def test_a_damaged_tree_is_refused_before_any_state_is_copied(model, saved, monk
     with pytest.raises(PersistenceError, match=message):
         load_cache(cache, saved)
     assert all(name.startswith("tree.") for name in copied)
-    assert cache.store.nbytes == 0 and not cache.store.entries()
+    assert cache.store.nbytes == 0 and not cache.store.snapshot().entries
 
 
 def test_siblings_with_one_first_token_are_refused(model, saved):

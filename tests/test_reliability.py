@@ -310,7 +310,7 @@ def run_soak(model, requests: int, real_every: int, check_every: int, seed: int 
     """
     cache = MarconiCache(model, capacity_bytes=16 * 2**20)
     first = _cached(model, cache, list(range(3, 20)))
-    (entry,) = cache.store.entries()
+    (entry,) = cache.store.snapshot().entries
     states = EncodedStates(entry.edge, entry.checkpoint)
     entry_bytes = 30 * cache.sizes.kv_bytes_per_token + 2 * cache.sizes.checkpoint_bytes
     cache = MarconiCache(model, capacity_bytes=24 * entry_bytes)
@@ -610,7 +610,7 @@ def test_fuzz_damaged_files_load_nothing(bamba, saved_file, tmp_path_factory, wh
     try:
         load_cache(cache, damaged)
     except PersistenceError:
-        assert cache.store.nbytes == 0 and not cache.store.entries()
+        assert cache.store.nbytes == 0 and not cache.store.snapshot().entries
     else:  # only a byte the format ignores (header padding) may change without effect
         assert _store_view(cache) == view
     cache.check_invariants()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_marconi.policies import BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy, flop_efficiency
 from hf_marconi.store import PrefixStore, StateSizes
-from hf_marconi.tree import SimulatedCheckpoint
+from hf_marconi.tree import SimulatedCheckpoint, SimulatedEdge
 from tests.test_tree import TokenEdge
 
 
@@ -205,53 +207,112 @@ def _filled_store(capacity: int = 10**6) -> PrefixStore:
     return store
 
 
-def test_entries_round_trip_preserves_prefixes_bytes_and_recency():
+def test_snapshot_round_trip_preserves_prefixes_bytes_and_recency():
     store = _filled_store()
-    entries = store.entries()
+    snapshot = store.snapshot()
+    entries = snapshot.entries
     assert entries and all(e.parent < i for i, e in enumerate(entries))
     assert all(e.prefix_len == (entries[e.parent].prefix_len if e.parent >= 0 else 0) + len(e.key) for e in entries)
     loaded = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
-    loaded.load_entries(entries)
+    loaded.load_snapshot(snapshot)
     loaded.check_invariants()
     assert loaded.nbytes == store.nbytes and loaded.stats().bytes == store.nbytes
     assert {k: v.nbytes for k, v in loaded.tree.checkpointed_prefixes().items()} == {
         k: v.nbytes for k, v in store.tree.checkpointed_prefixes().items()}
-    assert [(e.key, e.parent, e.origin, e.last_access) for e in loaded.entries()] == [
+    assert [(e.key, e.parent, e.origin, e.last_access) for e in loaded.snapshot().entries] == [
         (e.key, e.parent, e.origin, e.last_access) for e in entries]
+    assert loaded.snapshot().clock == snapshot.clock
     plan = loaded.plan((1, 2, 3, 4, 5, 6, 10, 11, 12))  # the loaded store serves hits and keeps its clock going
     assert plan.reuse_len == 8 and plan.hit_kind == "input_output"
     loaded.abort(plan)
 
 
-def test_load_entries_rejects_bad_input_and_leaves_store_empty():
-    from dataclasses import replace
-
-    good = _filled_store().entries()
-    child = next(i for i, e in enumerate(good) if e.parent >= 0)
+def test_load_snapshot_rejects_bad_input_and_leaves_store_empty():
+    good = _filled_store().snapshot()
+    entries = list(good.entries)
+    child = next(i for i, e in enumerate(entries) if e.parent >= 0)
     bad_lists = {
-        "empty key": [replace(good[0], key=())] + good[1:],
-        "parent": good[:child] + [replace(good[child], parent=child)] + good[child + 1 :],
-        "prefix_len": [replace(good[0], prefix_len=good[0].prefix_len + 1)] + good[1:],
-        "origin": [replace(good[0], origin="somewhere")] + good[1:],
-        "structure": good[:-1] + [replace(good[-1], checkpoint=None, origin=None)],  # a leaf no lookup can use
-        "siblings": good + [replace(good[-1], key=good[-1].key + (99,), prefix_len=good[-1].prefix_len + 1)],
+        "empty key": [replace(entries[0], key=())] + entries[1:],
+        "parent": entries[:child] + [replace(entries[child], parent=child)] + entries[child + 1 :],
+        "prefix_len": [replace(entries[0], prefix_len=entries[0].prefix_len + 1)] + entries[1:],
+        "origin": [replace(entries[0], origin="somewhere")] + entries[1:],
+        "structure": entries[:-1] + [replace(entries[-1], checkpoint=None, origin=None)],  # a leaf no lookup can use
+        "siblings": entries + [replace(entries[-1], key=entries[-1].key + (99,),
+                                       prefix_len=entries[-1].prefix_len + 1)],
     }
-    for name, entries in bad_lists.items():
+    bad = {name: replace(good, entries=tuple(e)) for name, e in bad_lists.items()}
+    bad["clock"] = replace(good, clock=max(e.last_access for e in entries) - 1)  # behind its entries' accesses
+    for name, snapshot in bad.items():
         store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
         with pytest.raises(ValueError):
-            store.load_entries(entries)
+            store.load_snapshot(snapshot)
             pytest.fail(f"{name}: accepted")
         assert store.nbytes == 0 and not store.tree.root.children, name
         store.check_invariants()
     small = PrefixStore(5, MarconiPolicy(), QuadraticCosts(), SIZES)
     with pytest.raises(ValueError, match="capacity"):
-        small.load_entries(good)
+        small.load_snapshot(good)
     assert small.nbytes == 0 and not small.tree.root.children
     full = _filled_store()
-    before = full.entries()
+    before = full.snapshot()
     with pytest.raises(ValueError, match="empty store"):
-        full.load_entries(good)
-    assert full.entries() == before
+        full.load_snapshot(good)
+    assert full.snapshot() == before
+
+
+def test_from_snapshot_keeps_every_byte_count_and_simulated_drops_the_payloads():
+    store = _filled_store()
+    snapshot = store.snapshot()
+    simulated = PrefixStore.from_snapshot(snapshot, 10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    simulated.check_invariants()
+    assert simulated.nbytes == store.nbytes
+    assert [(e.key, e.parent, e.edge.nbytes, e.checkpoint and e.checkpoint.nbytes, e.origin, e.last_access)
+            for e in simulated.snapshot().entries] == [
+        (e.key, e.parent, e.edge.nbytes, e.checkpoint and e.checkpoint.nbytes, e.origin, e.last_access)
+        for e in snapshot.entries]
+    sizes_only = snapshot.simulated()
+    assert all(type(e.edge) is SimulatedEdge and type(e.checkpoint) in (SimulatedCheckpoint, type(None))
+               for e in sizes_only.entries)
+    assert sizes_only.simulated() == sizes_only and sizes_only.clock == snapshot.clock
+    entry = next(e for e in snapshot.entries if len(e.key) > 1)
+    uneven = replace(snapshot, entries=(replace(entry, edge=SimulatedCheckpoint(len(entry.key) + 1)),))  # 1 extra byte
+    with pytest.raises(ValueError, match="same bytes for every token"):
+        uneven.simulated()
+
+
+class RecordingPlacement:
+    """A placement that moves nothing and records, at each call, the commits counted and the bytes stored."""
+
+    def __init__(self, store: PrefixStore):
+        self.store = store
+        self.calls: list[tuple[int, int]] = []
+
+    def place(self, tree) -> None:
+        assert tree is self.store.tree and self.store.lock._is_owned()  # the live tree, under the store's lock
+        self.calls.append((self.store.stats().commits, tree.nbytes))
+
+
+def test_the_store_calls_its_placement_after_every_commit_abort_and_load():
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    run(store, (1, 2, 3, 4), (5,))
+    placement = RecordingPlacement(store)
+    store.set_placement(placement)
+    assert placement.calls == [(1, store.nbytes)]  # the entries stored already are placed at registration
+    plan = store.plan((1, 2, 3, 4, 5, 6, 7), count=False)  # an uncounted commit (a batched row's prompt) stores too
+    store.commit(plan, plan.input_ids, lambda s, e: SimulatedEdge(e - s, 3), {7: SimulatedCheckpoint(10)}, count=False)
+    assert placement.calls[-1] == (1, store.nbytes) and store.nbytes > placement.calls[0][1]
+    run(store, (1, 2, 3, 4, 5, 6, 7, 8), (9,))
+    assert placement.calls[-1] == (2, store.nbytes)
+    store.abort(store.plan((1, 2, 3, 4, 5, 6, 7, 8, 9)))
+    assert len(placement.calls) == 4
+    with pytest.raises(ValueError, match="already has a placement"):
+        store.set_placement(RecordingPlacement(store))
+    loaded = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    on_load = RecordingPlacement(loaded)
+    loaded.set_placement(on_load)
+    loaded.load_snapshot(store.snapshot())
+    assert on_load.calls == [(0, 0), (0, store.nbytes)]
+    assert "commit" not in vars(store)  # nothing patched on the instance
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -259,11 +320,11 @@ def test_abort_leaves_tree_and_recency_identical(policy):
     store = PrefixStore(10**6, POLICIES[policy](), QuadraticCosts(), SIZES)
     for input_ids, output in [((1, 2, 3, 4, 5, 6, 7, 8), (9,)), ((1, 2, 3, 4, 10, 11, 12, 13), ()), ((20, 21, 22), (23,))]:
         run(store, input_ids, output)
-    before = store.entries()
+    before = store.snapshot()
     plan = store.plan((1, 2, 3, 4, 5, 6, 7, 8, 9, 30))  # a hit on the whole first sequence
     assert plan.reuse_len > 0
     store.abort(plan)
-    assert store.entries() == before  # keys, payloads, origins and last_access of every entry
+    assert store.snapshot() == before  # keys, payloads, origins and last_access of every entry
     store.check_invariants()
 
 

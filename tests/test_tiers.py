@@ -129,6 +129,31 @@ def test_loading_a_saved_cache_spills_what_the_fast_tier_cannot_hold(model, tmp_
     assert 0 < split["fast"] <= tiers.fast_capacity_bytes and split["fast"] + split["spill"] == cache.store.nbytes
 
 
+def test_the_store_places_after_a_batched_rows_uncounted_commit_too(model):
+    """Placement is the store's own step (its commit is not patched on the instance): it also runs after each row's
+    prompt admission in a batched call, an uncounted commit that stores entries the next rows reuse."""
+    cache = MarconiCache(model, capacity_bytes=16 * 2**20)
+    commits_at_placement = []
+
+    class Recording(TieredStorage):
+        def place(self, tree):
+            commits_at_placement.append(cache.store.stats().commits)
+            super().place(tree)
+
+    entry = 20 * cache.sizes.kv_bytes_per_token + cache.sizes.checkpoint_bytes
+    tiers = Recording(cache, fast_capacity_bytes=entry, fast_device="cpu")
+    assert "commit" not in vars(cache.store)
+    rng = random.Random(5)
+    prompts = torch.cat([_tokens(14, rng), _tokens(14, rng)])
+    model.generate(prompts, attention_mask=torch.ones_like(prompts), past_key_values=cache, **SETTINGS)
+    # registration, the two rows' prompt admissions (uncounted), then their continuations (counted)
+    assert commits_at_placement == [0, 0, 0, 1, 2]
+    split = tiers.tier_bytes()
+    assert split["fast"] <= tiers.fast_capacity_bytes and split["spill"] > 0
+    assert split["fast"] + split["spill"] == cache.store.nbytes
+    cache.check_invariants()
+
+
 def test_refusals(model):
     cache = MarconiCache(model, capacity_bytes=1000)
     with pytest.raises(ValueError, match="fast_capacity_bytes"):

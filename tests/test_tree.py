@@ -129,3 +129,27 @@ def test_add_chain_matches_repeated_add_leaf():
         tree.check_invariants()  # candidate pools, bytes, structure
     assert [n.depth for n in nodes] == [2, 3, 6] and chained.nbytes == single.nbytes
     assert [len(p) for p in (chained.thin, chained.leaves)] == [len(p) for p in (single.thin, single.leaves)]
+
+
+def test_replace_payloads_takes_equal_bytes_only():
+    tree = RadixTree()
+    insert(tree, (1, 2, 3))
+    (node,) = tree.nodes()
+    moved_edge, moved_checkpoint = TokenEdge((1, 2, 3)), SimulatedCheckpoint(10)  # copies of equal bytes
+    tree.replace_payloads(node, moved_edge, moved_checkpoint)
+    assert node.edge is moved_edge and node.checkpoint is moved_checkpoint
+    tree.check_invariants()
+    refused = {
+        "edge bytes": (TokenEdge((1, 2, 3), bytes_per_token=4), SimulatedCheckpoint(10)),
+        "checkpoint bytes": (TokenEdge((1, 2, 3)), SimulatedCheckpoint(11)),
+        "dropped checkpoint": (TokenEdge((1, 2, 3)), None),
+        "tokens": (TokenEdge((1, 2)), SimulatedCheckpoint(10)),
+    }
+    for name, (edge, checkpoint) in refused.items():
+        with pytest.raises(ValueError):
+            tree.replace_payloads(node, edge, checkpoint)
+            pytest.fail(f"{name}: accepted")
+        assert node.edge is moved_edge and node.checkpoint is moved_checkpoint, name
+    with pytest.raises(ValueError, match="root"):
+        tree.replace_payloads(tree.root, TokenEdge(()), None)
+    tree.check_invariants()

@@ -15,7 +15,7 @@ from hf_marconi.policies.base import CostModel
 from hf_marconi.policies.paper import MarconiPolicy
 
 if TYPE_CHECKING:
-    from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan, StateSizes, StoreStats, TreeSnapshot
+    from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan, StateSizes, StoreSnapshot, StoreStats
 
 
 class Tuner(Protocol):
@@ -43,7 +43,7 @@ def objective_value(stats: "StoreStats", objective: str) -> float:
 
 
 def replay_window(
-    snapshot: "TreeSnapshot",
+    snapshot: "StoreSnapshot",
     window: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
     alpha: float,
     capacity_bytes: int,
@@ -87,7 +87,7 @@ class AlphaTuner:
     _requests: int = 0
     _finished: bool = False  # a single tuning (retune=False) has run
     _window_len: int | None = None
-    _snapshot: "TreeSnapshot | None" = None
+    _snapshot: "StoreSnapshot | None" = None  # simulated: holding stored states would keep evicted ones alive
     _window: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -113,7 +113,7 @@ class AlphaTuner:
         if self._snapshot is None:
             if evicted:
                 self._window_len = self.window_factor * self._requests
-                self._snapshot = store.snapshot()
+                self._snapshot = store.snapshot().simulated()
             return
         self._window.append((input_ids, tokens[len(input_ids) :]))
         assert self._window_len is not None
@@ -130,7 +130,7 @@ class AlphaTuner:
         self.history.append(TuningRecord(self._requests, len(self._window), scores, best))
         store.note_alpha_tuning(best)
         self._window = []
-        self._snapshot = store.snapshot() if self.retune else None
+        self._snapshot = store.snapshot().simulated() if self.retune else None
         self._finished = not self.retune
 
 
