@@ -77,7 +77,9 @@ ROWS: tuple[Row, ...] = (
 # Other (policy, tuner) pairs to set beside the default (--compare), each differing from it in one respect or more.
 COMPARISONS = {
     # the default before issue 13: linear recency, retrospective bootstrapping once over the wide grid
-    "previous": lambda: (MarconiPolicy(repeat_threshold=None), AlphaTuner(grid=WIDE_ALPHA_GRID)),
+    "previous": lambda: (MarconiPolicy(repeat_threshold=None, reuse_half_life=None), AlphaTuner(grid=WIDE_ALPHA_GRID)),
+    # the paper's eviction score: FLOP efficiency without the weight of a shared prefix's recent hits
+    "paper-score": lambda: (MarconiPolicy(reuse_half_life=None), ShadowAlphaTuner()),
     "inverse-age": lambda: (MarconiPolicy(recency="inverse-age"), ShadowAlphaTuner()),  # the authors' recency
     "no-repeat-rule": lambda: (MarconiPolicy(repeat_threshold=None), ShadowAlphaTuner()),
 }

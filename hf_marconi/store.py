@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Se
 from hf_marconi.eviction import HeapOrder, ScanOrder, VictimOrder
 from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.tree import (
+    INPUT_OUTPUT,
+    PURELY_INPUT,
     EdgePayload,
     LockReceipt,
     Node,
@@ -46,8 +48,6 @@ class Placement(Protocol):
 REPEAT_HALF_LIFE = 200
 _REPEAT_DECAY = 0.5 ** (1 / REPEAT_HALF_LIFE)  # the rate's weight on its past, per lookup
 
-PURELY_INPUT = "purely_input"
-INPUT_OUTPUT = "input_output"
 
 
 def _as_token_tuple(tokens: Sequence[int]) -> tuple[int, ...]:

@@ -16,6 +16,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
+# Where a checkpoint came from (``Node.origin``): inside a prompt (a branch point, reused by other prompts sharing it) or
+# at the end of what a request fed (reused when the same conversation continues).
+PURELY_INPUT = "purely_input"
+INPUT_OUTPUT = "input_output"
+
 
 @runtime_checkable
 class Payload(Protocol):
@@ -79,7 +84,7 @@ class Node:
     """
 
     __slots__ = ("uid", "key", "edge", "checkpoint", "origin", "children", "parent", "depth", "last_access", "lock_ref",
-                 "nbytes", "version")
+                 "nbytes", "version", "__weakref__")  # weak refs: policies keep per-node state keyed by node
 
     def __init__(self, key: tuple[int, ...], edge: EdgePayload | None, parent: "Node | None", last_access: int):
         self.uid = next(_node_ids)  # creation order: a deterministic tie-breaker

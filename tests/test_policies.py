@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import random
+
 import pytest
 
 from hf_marconi.policies import (
@@ -27,6 +30,10 @@ from hf_marconi.policies import (
 from hf_marconi.policies.admission import branch_point
 from hf_marconi.policies.efficiency import EfficiencyMemo
 from hf_marconi.policies.marconi import recency_scores
+from hf_marconi.policies.reuse import ReuseCounts
+from hf_marconi.presets import preset
+from hf_marconi.simulator import simulate
+from hf_marconi.trace import Request
 from hf_marconi.store import PrefixStore
 from hf_marconi.tree import Node, RadixTree, SimulatedCheckpoint, SimulatedEdge
 from tests.test_store import SIZES, QuadraticCosts, run
@@ -323,3 +330,75 @@ def test_marconi_eviction_weighs_efficiency_by_alpha_in_isolation():
     assert MarconiPolicy(alpha=2.0).choose_victim(candidates, costs, clock=10) is new_short  # efficiency wins
     with pytest.raises(ValueError, match="recency"):
         MarconiPolicy(recency="lfu")
+
+
+def test_reuse_counts_decay_and_count_only_shared_prompt_checkpoints():
+    tree = RadixTree()
+    shared = tree.add_leaf(tree.root, (1, 2, 3), SimulatedEdge(3, 5), clock=0)
+    tree.set_checkpoint(shared, SimulatedCheckpoint(7), "purely_input", clock=0)
+    turn_end = tree.add_leaf(tree.root, (9, 8), SimulatedEdge(2, 5), clock=0)
+    tree.set_checkpoint(turn_end, SimulatedCheckpoint(7), "input_output", clock=0)
+    counts = ReuseCounts(half_life=10)
+    for clock in (1, 1, 1):
+        counts.record_hit(shared, clock)
+        counts.record_hit(turn_end, clock)
+    assert counts.count(shared, clock=1) == pytest.approx(3.0)
+    assert counts.count(shared, clock=11) == pytest.approx(1.5)  # one half-life later
+    assert counts.count(turn_end, clock=1) == 0.0  # a conversation's latest turn: its past hits predict nothing
+    assert counts.weights([shared, turn_end], clock=21) == pytest.approx([1.75, 1.0])
+    with pytest.raises(ValueError, match="half_life"):
+        ReuseCounts(half_life=0)
+
+
+def test_reuse_counts_go_with_their_nodes():
+    tree, counts = RadixTree(), ReuseCounts()
+    for i in range(50):
+        node = tree.add_leaf(tree.root, (i,), SimulatedEdge(1, 5), clock=i)
+        tree.set_checkpoint(node, SimulatedCheckpoint(7), "purely_input", clock=i)
+        counts.record_hit(node, i)
+        tree.remove_leaf(node)
+    del node
+    gc.collect()
+    assert len(counts) == 0
+
+
+def test_marconi_eviction_keeps_the_often_reused_prefix_in_isolation():
+    # Two shared prompt prefixes of equal length and checkpoint: the one hit more often lately is worth more per byte,
+    # although the other was used last.
+    tree, costs = RadixTree(), QuadraticCosts()
+    prefixes = []
+    for first in (1, 2):
+        node = tree.add_leaf(tree.root, (first,) + tuple(range(10, 30)), SimulatedEdge(21, 5), clock=0)
+        tree.set_checkpoint(node, SimulatedCheckpoint(7), "purely_input", clock=0)
+        prefixes.append(node)
+    often, once = prefixes
+    weighted, paper = MarconiPolicy(alpha=4.0), MarconiPolicy(alpha=4.0, reuse_half_life=None)
+    for policy in (weighted, paper):
+        for clock in (1, 2, 3, 4):
+            policy.touch([often], often, clock)
+        policy.touch([once], once, 5)
+    assert weighted.choose_victim(prefixes, costs, clock=6) is once
+    assert paper.choose_victim(prefixes, costs, clock=6) is often  # equal efficiency: the less recent goes
+
+
+def test_reuse_weight_keeps_few_shot_prefixes_over_query_tails_under_pressure():
+    # Few-shot traffic with the paper's 7B hybrid: 12 task prefixes of 1,000 tokens, each query adds 100 tokens and 50
+    # generated ones, tasks in random order, room for about 5 prefixes. A query's tail extends a long prefix, so its
+    # FLOPs per byte look high, but no later query shares it; the prefixes are hit by every query of their task. The
+    # paper's score keeps tails; weighing efficiency by recent hits keeps prefixes.
+    costs = preset("paper-7b-hybrid")
+    sizes = costs.state_sizes()
+    rng = random.Random(0)
+    prefixes = [tuple(range(10_000 * t, 10_000 * t + 1000)) for t in range(12)]
+    trace = [
+        Request(f"q{i}", float(i), prefixes[task] + tuple(range(10**6 + 1000 * i, 10**6 + 1000 * i + 100)),
+                tuple(range(5 * 10**6, 5 * 10**6 + 50)))
+        for i, task in enumerate(rng.choices(range(12), k=600))
+    ]
+    capacity = 5 * (1000 * sizes.kv_bytes_per_token + sizes.checkpoint_bytes)
+    rates = {
+        half_life: simulate(trace, MarconiPolicy(alpha=32.0, reuse_half_life=half_life), capacity, costs,
+                            sizes).stats.token_hit_rate
+        for half_life in (None, 200)
+    }
+    assert rates[200] > rates[None] + 0.05

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
-from hf_marconi.policies.base import CostModel
+from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.policies.paper import MarconiPolicy
 
 if TYPE_CHECKING:
@@ -45,16 +45,16 @@ def objective_value(stats: "StoreStats", objective: str) -> float:
 def replay_window(
     snapshot: "StoreSnapshot",
     window: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
-    alpha: float,
+    policy: Policy,
     capacity_bytes: int,
     costs: CostModel,
     sizes: "StateSizes",
 ) -> "StoreStats":
-    """Replay ``(input_ids, tokens committed after them)`` pairs from ``snapshot`` with a static alpha; returns the
-    replay's stats."""
+    """Replay ``(input_ids, tokens committed after them)`` pairs from ``snapshot`` through ``policy`` (a fresh policy at
+    one static alpha); returns the replay's stats."""
     from hf_marconi.store import PrefixStore
 
-    store = PrefixStore.from_snapshot(snapshot, capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
+    store = PrefixStore.from_snapshot(snapshot, capacity_bytes, policy, costs, sizes)
     for input_ids, continuation in window:
         store.replay_fed(input_ids, continuation)
     return store.stats()
@@ -121,7 +121,8 @@ class AlphaTuner:
             return
         scores = {
             alpha: objective_value(
-                replay_window(self._snapshot, self._window, alpha, store.capacity_bytes, store.costs, store.sizes),
+                replay_window(self._snapshot, self._window, store.policy.with_alpha(alpha), store.capacity_bytes,
+                              store.costs, store.sizes),
                 self.objective,
             )
             for alpha in self.grid
@@ -141,15 +142,18 @@ def oracle_alpha(
     sizes: "StateSizes",
     grid: Sequence[float] = PAPER_ALPHA_GRID,
     objective: str = "token_hits",
+    policy: Policy | None = None,
 ) -> tuple[float, dict[float, "StoreStats"]]:
-    """Offline oracle: replay the whole trace (``(input_ids, committed tokens)`` pairs) once per static alpha; returns
-    the best alpha by ``objective`` (ties: first in ``grid``) and every alpha's stats."""
+    """Offline oracle: replay the whole trace (``(input_ids, committed tokens)`` pairs) once per static alpha of
+    ``policy`` (default: :class:`MarconiPolicy`); returns the best alpha by ``objective`` (ties: first in ``grid``) and
+    every alpha's stats."""
     from hf_marconi.store import PrefixStore
 
     pairs = [(tuple(i), tuple(t)[len(i) :]) for i, t in requests]
     results: dict[float, "StoreStats"] = {}
+    template = policy if policy is not None else MarconiPolicy()
     for alpha in grid:
-        store = PrefixStore(capacity_bytes, MarconiPolicy(alpha=alpha), costs, sizes)
+        store = PrefixStore(capacity_bytes, template.with_alpha(alpha), costs, sizes)
         for input_ids, continuation in pairs:
             store.replay_fed(input_ids, continuation)
         results[alpha] = store.stats()

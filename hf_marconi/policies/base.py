@@ -70,7 +70,12 @@ class PerNodePriority(EvictionRule, Protocol):
 
 class Policy(AdmissionRule, EvictionRule, Protocol):
     """What the store calls: an admission rule and an eviction rule under one name. ``alpha`` is the FLOP-efficiency
-    weight of an eviction rule that has one (Marconi's), else None; alpha tuners set it between requests."""
+    weight of an eviction rule that has one (Marconi's), else None; alpha tuners set it between requests and replay
+    ``with_alpha`` copies to compare alphas."""
 
     name: str
     alpha: float | None
+
+    def with_alpha(self, alpha: float) -> "Policy":
+        """The same rules at ``alpha``, without this policy's state (policies that have an alpha only)."""
+        ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Generic, Sequence, TypeVar
 
 from hf_marconi.policies.base import AdmissionRule, CostModel, EvictionRule
@@ -46,6 +47,13 @@ class ComposedPolicy(Generic[A, E]):
         if self.alpha is None:
             raise AttributeError(f"policy {self.name!r} has no alpha: its eviction rule {self.eviction!r} weighs none")
         self.eviction.alpha = alpha  # type: ignore[attr-defined]
+
+    def with_alpha(self, alpha: float) -> "ComposedPolicy[A, E]":
+        """The same rules at ``alpha``, with none of this policy's state (memo, hit counts): what a tuner replays to
+        learn how this policy would do at another alpha."""
+        if self.alpha is None:
+            raise AttributeError(f"policy {self.name!r} has no alpha: its eviction rule {self.eviction!r} weighs none")
+        return ComposedPolicy(self.admission, dataclasses.replace(self.eviction, alpha=alpha), self.name)  # type: ignore[type-var]
 
     # -------------------------------------------------------------------------------------------- admission
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,

@@ -1,4 +1,5 @@
-"""Marconi's eviction rule: among nodes with at most one child, the lowest recency + alpha * FLOP efficiency."""
+"""Marconi's eviction rule: among nodes with at most one child, the lowest recency + alpha * reuse-weighted FLOP
+efficiency."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import ClassVar, Sequence
 
 from hf_marconi.policies.base import CostModel
 from hf_marconi.policies.efficiency import EfficiencyMemo
+from hf_marconi.policies.reuse import REUSE_HALF_LIFE, ReuseCounts
 from hf_marconi.tree import Node
 
 
@@ -40,13 +42,18 @@ def _normalise(values: list[float]) -> list[float]:
 @dataclass
 class MarconiEviction:
     """Marconi's eviction (Pan et al., MLSys 2025): among nodes with at most one child, the lowest
-    ``recency + alpha * flop_efficiency`` (each min-max normalised over the candidates; recency per ``recency``, see
-    :func:`recency_scores`). Only the reused node's recency is refreshed on a hit. ``alpha`` may be changed between
-    requests by an alpha tuner. The efficiencies are memoised per node (:class:`EfficiencyMemo`)."""
+    ``recency + alpha * value`` (each min-max normalised over the candidates; recency per ``recency``, see
+    :func:`recency_scores`). ``value`` is the FLOP efficiency, weighted by ``1 +`` the decayed hit count of a
+    purely-input checkpoint (:mod:`hf_marconi.policies.reuse`, half-life ``reuse_half_life`` requests); with
+    ``reuse_half_life=None`` it is the efficiency alone, the paper's score. Only the reused node's recency is refreshed
+    on a hit. ``alpha`` may be changed between requests by an alpha tuner. The efficiencies are memoised per node
+    (:class:`EfficiencyMemo`)."""
 
     alpha: float = 0.0
     recency: str = "linear"
+    reuse_half_life: int | None = REUSE_HALF_LIFE
     memo: EfficiencyMemo = field(default_factory=EfficiencyMemo, init=False, repr=False, compare=False)
+    reuse: ReuseCounts | None = field(default=None, init=False, repr=False, compare=False)
     evicts_leaves_only: ClassVar[bool] = False
     per_node_priority: ClassVar[bool] = False  # min-max normalisation ranks a node against the other candidates
 
@@ -55,10 +62,14 @@ class MarconiEviction:
             raise ValueError(f"alpha weighs FLOP efficiency against recency and must be >= 0, got {self.alpha}")
         if self.recency not in RECENCY_SCORES:
             raise ValueError(f"unknown recency score {self.recency!r}; choose one of {RECENCY_SCORES}")
+        if self.reuse_half_life is not None:
+            self.reuse = ReuseCounts(self.reuse_half_life)  # validates it
 
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         if reused is not None:
             reused.last_access = clock
+            if self.reuse is not None:
+                self.reuse.record_hit(reused, clock)
 
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         return None  # the nodes and checkpoints a commit creates carry the clock already
@@ -70,8 +81,11 @@ class MarconiEviction:
         if self.alpha == 0:
             scores = recency
         else:
-            efficiency = _normalise(self.memo.efficiencies(candidates, costs))
-            scores = [r + self.alpha * e for r, e in zip(recency, efficiency)]
+            efficiency = self.memo.efficiencies(candidates, costs)
+            if self.reuse is not None:
+                efficiency = [e * w for e, w in zip(efficiency, self.reuse.weights(candidates, clock))]
+            value = _normalise(efficiency)
+            scores = [r + self.alpha * v for r, v in zip(recency, value)]
         # Lowest score; ties go to the least recent, then the oldest node (tuples compare in C, no key function).
         *_, best = min(zip(scores, [n.last_access for n in candidates], [n.uid for n in candidates], range(len(scores))))
         return candidates[best]

@@ -12,17 +12,19 @@ from hf_marconi.policies.admission import (
 from hf_marconi.policies.composed import ComposedPolicy
 from hf_marconi.policies.lru import LRUEviction
 from hf_marconi.policies.marconi import MarconiEviction
+from hf_marconi.policies.reuse import REUSE_HALF_LIFE
 
 
 class MarconiPolicy(ComposedPolicy[MarconiAdmission, MarconiEviction]):
     """Marconi (Pan et al., MLSys 2025): :class:`MarconiAdmission` (branch point, sequence end, and the prompt's end
     once at least ``repeat_threshold`` of recent lookups repeat a stored prompt) with :class:`MarconiEviction`
     (recency + ``alpha`` x FLOP efficiency over nodes with at most one child, ``recency`` per
-    :func:`~hf_marconi.policies.marconi.recency_scores`)."""
+    :func:`~hf_marconi.policies.marconi.recency_scores`, the efficiency of a shared prompt prefix weighted by its recent
+    hits with half-life ``reuse_half_life``; None: the paper's score)."""
 
     def __init__(self, alpha: float = 0.0, recency: str = "linear", repeat_threshold: float | None = REPEAT_THRESHOLD,
-                 name: str = "marconi") -> None:
-        super().__init__(MarconiAdmission(repeat_threshold), MarconiEviction(alpha, recency), name)
+                 name: str = "marconi", reuse_half_life: int | None = REUSE_HALF_LIFE) -> None:
+        super().__init__(MarconiAdmission(repeat_threshold), MarconiEviction(alpha, recency, reuse_half_life), name)
 
     @property
     def recency(self) -> str:
@@ -31,6 +33,10 @@ class MarconiPolicy(ComposedPolicy[MarconiAdmission, MarconiEviction]):
     @property
     def repeat_threshold(self) -> float | None:
         return self.admission.repeat_threshold
+
+    @property
+    def reuse_half_life(self) -> int | None:
+        return self.eviction.reuse_half_life
 
 
 class LRUPolicy(ComposedPolicy[BranchPointAdmission, LRUEviction]):

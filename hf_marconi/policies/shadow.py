@@ -20,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hf_marconi.policies.paper import MarconiPolicy
 
 if TYPE_CHECKING:
     from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan
@@ -89,10 +88,9 @@ class ShadowAlphaTuner:
         if store.policy.alpha is None:
             raise ValueError(f"policy {store.policy.name!r} has no alpha to tune; use MarconiPolicy")
         snapshot = store.snapshot()
-        recency = getattr(store.policy, "recency", "linear")
         self._shadows = [
-            PrefixStore.from_snapshot(snapshot, store.capacity_bytes, MarconiPolicy(alpha=a, recency=recency),
-                                      store.costs, store.sizes)
+            PrefixStore.from_snapshot(snapshot, store.capacity_bytes, store.policy.with_alpha(a), store.costs,
+                                      store.sizes)
             for a in self.grid
         ]
         self._scores = [0.0] * len(self.grid)
