@@ -628,15 +628,26 @@ class PrefixStore:
     def snapshot(self) -> StoreSnapshot:
         """Every stored node, parents before children (depth-first, children in key order), taken under the lock.
 
-        The payloads are the stored objects themselves, to be read, never mutated."""
+        The payloads are the stored objects themselves, to be read, never mutated. A checkpoint-less node with one
+        child, which a request in flight keeps from folding into its child after an eviction, is listed folded (its
+        key and edge joined to the child's), so a snapshot always keeps the structure rule its loader checks."""
         with self._lock:
-            index = {self._tree.root.uid: -1}
+            index = {self._tree.root.uid: -1}  # node uid -> its entry's index (a folded node: its parent's entry)
+            folded: dict[int, tuple[tuple[int, ...], EdgePayload]] = {}  # folded node uid -> the key and edge it hands down
             out: list[StoredEntry] = []
             for node in self._tree.nodes():
                 assert node.parent is not None and node.edge is not None
+                key, edge = node.key, node.edge
+                head = folded.pop(node.parent.uid, None)
+                if head is not None:
+                    key, edge = head[0] + key, head[1].concat(edge)
+                if node.checkpoint is None and len(node.children) == 1:
+                    index[node.uid] = index[node.parent.uid]
+                    folded[node.uid] = (key, edge)
+                    continue
                 index[node.uid] = len(out)
-                out.append(StoredEntry(node.depth, node.key, index[node.parent.uid], node.edge, node.checkpoint,
-                                       node.origin, node.last_access))
+                out.append(StoredEntry(node.depth, key, index[node.parent.uid], edge, node.checkpoint, node.origin,
+                                       node.last_access))
             return StoreSnapshot(tuple(out), self._clock)
 
     def load_snapshot(self, snapshot: StoreSnapshot) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_marconi.policies import BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy, flop_efficiency
-from hf_marconi.store import PrefixStore, StateSizes
+from hf_marconi.store import PrefixStore, StateSizes, StoredEntry, StoreSnapshot
 from hf_marconi.tree import SimulatedCheckpoint, SimulatedEdge
 from tests.test_tree import TokenEdge
 
@@ -336,3 +336,25 @@ def test_commit_refreshes_the_reused_entry():
     reused = store.tree.walk_to(plan.input_ids, [plan.reuse_len])[0]
     other = store.tree.walk_to((40, 41, 42, 43), [4])[0]
     assert reused.last_access > other.last_access
+
+
+def test_a_snapshot_taken_while_a_lock_keeps_a_branch_node_unfolded_still_loads():
+    # A request in flight locks the path to (1 2 | 3 4 5); evicting the sibling (7 8 9) leaves the checkpoint-less
+    # branch node (1 2) with one child, which the lock keeps from folding. Saving then must still give a valid store.
+    edge, checkpoint = (lambda n: SimulatedEdge(n, 3)), SimulatedCheckpoint(10)
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    store.load_snapshot(StoreSnapshot((
+        StoredEntry(2, (1, 2), -1, edge(2), None, None, 1),
+        StoredEntry(5, (3, 4, 5), 0, edge(3), checkpoint, "input_output", 1),
+        StoredEntry(5, (7, 8, 9), 0, edge(3), checkpoint, "input_output", 2),
+    ), 2))
+    plan = store.plan((1, 2, 3, 4, 5, 6))
+    with store.lock:
+        store._evict(next(n for n in store.tree.nodes() if n.key[0] == 7))
+    saved = store.snapshot()
+    assert [(e.prefix_len, e.key, e.parent) for e in saved.entries] == [(5, (1, 2, 3, 4, 5), -1)]
+    assert saved.entries[0].edge.nbytes == 15
+    reloaded = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    reloaded.load_snapshot(saved)
+    assert reloaded.tree.checkpointed_prefixes() == store.tree.checkpointed_prefixes() and reloaded.nbytes == store.nbytes
+    store.abort(plan)
