@@ -54,7 +54,8 @@ from safetensors.torch import save_file
 
 from .cache import MarconiCache
 from .states import DeviceSpec, KVEdge, StateCheckpoint
-from .store import INPUT_OUTPUT, PURELY_INPUT, StoredEntry, StoreSnapshot
+from .snapshot import StoredEntry, StoreSnapshot
+from .tree import INPUT_OUTPUT, PURELY_INPUT
 
 FORMAT_NAME = "hf_marconi.prefix_store"
 # 2: the config fingerprint leaves out where the model was loaded from (keys starting with _).

@@ -29,7 +29,8 @@ from hf_marconi.persistence import (
     save_cache,
 )
 from hf_marconi.states import KVEdge, map_payload
-from hf_marconi.store import INPUT_OUTPUT, StoredEntry, StoreSnapshot
+from hf_marconi.snapshot import StoredEntry, StoreSnapshot
+from hf_marconi.tree import INPUT_OUTPUT
 from hf_marconi.testing import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,8 @@ torch.set_num_threads(1)
 from hf_marconi import MarconiCache
 from hf_marconi.persistence import load_cache
 from hf_marconi.states import KVEdge, map_payload
-from hf_marconi.store import INPUT_OUTPUT, StoredEntry
+from hf_marconi.snapshot import StoredEntry
+from hf_marconi.tree import INPUT_OUTPUT
 from hf_marconi.testing import build_model
 path, prompt = sys.argv[1], json.loads(sys.argv[2])
 model = build_model("bamba")

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_marconi.policies import BlockPolicy, LRUPolicy, MarconiPolicy, NoCachePolicy, flop_efficiency
-from hf_marconi.store import PrefixStore, StateSizes, StoredEntry, StoreSnapshot
+from hf_marconi.snapshot import StoredEntry, StoreSnapshot
+from hf_marconi.store import PrefixStore, StateSizes
 from hf_marconi.tree import SimulatedCheckpoint, SimulatedEdge
 from tests.test_tree import TokenEdge
 

@@ -15,7 +15,8 @@ from hf_marconi.policies.base import CostModel, Policy
 from hf_marconi.policies.paper import MarconiPolicy
 
 if TYPE_CHECKING:
-    from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan, StateSizes, StoreSnapshot, StoreStats
+    from hf_marconi.snapshot import StoreSnapshot
+    from hf_marconi.store import AdmitResult, PrefixStore, RequestPlan, StateSizes, StoreStats
 
 
 class Tuner(Protocol):
