@@ -50,7 +50,7 @@ def _execute(run: Run) -> tuple[Run, SimulationResult]:
     tuner = None
     if run.label.startswith("marconi"):
         grid = GRIDS[run.label[len("marconi[") : -1]]
-        policy = MarconiPolicy()
+        policy = MarconiPolicy(reuse_half_life=None)  # the paper's Marconi: its eviction score
         tuner = AlphaTuner(grid=grid, window_factor=_SETTINGS["window_factor"], objective=_SETTINGS["objective"],
                            retune=_SETTINGS["retune"])
     elif run.label == "sglang+":

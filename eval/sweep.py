@@ -58,6 +58,11 @@ class PolicyVariant:
     oracle_grid: tuple[float, ...] | None = None
     description: str = ""
     from_default: bool = False  # policy and tuner from hf_marconi.policies.default_policy()
+    options: tuple[tuple[str, Any], ...] = ()  # keyword arguments of the policy's constructor
+
+
+# The paper's Marconi: its eviction score, FLOP efficiency not weighted by a shared prefix's recent hits.
+_PAPER_SCORE = (("reuse_half_life", None),)
 
 
 VARIANTS: dict[str, PolicyVariant] = {
@@ -65,12 +70,13 @@ VARIANTS: dict[str, PolicyVariant] = {
     for v in (
         PolicyVariant("default", "marconi", from_default=True,
                       description="hf_marconi.policies.default_policy(): Marconi, alpha tuned online by shadow replays"),
-        PolicyVariant("marconi", "marconi", tuning_grid=PAPER_ALPHA_GRID,
-                      description="Marconi, alpha tuned on the paper's grid 0, 0.1, ..., 2"),
-        PolicyVariant("marconi-wide", "marconi", tuning_grid=WIDE_ALPHA_GRID,
-                      description="Marconi, alpha tuned on the wide grid 0, 1/8, ..., 128"),
-        PolicyVariant("marconi-oracle", "marconi", oracle_grid=WIDE_ALPHA_GRID,
-                      description="Marconi, best static alpha of the wide grid for the whole trace (offline)"),
+        PolicyVariant("marconi", "marconi", tuning_grid=PAPER_ALPHA_GRID, options=_PAPER_SCORE,
+                      description="the paper's Marconi, alpha tuned on the paper's grid 0, 0.1, ..., 2"),
+        PolicyVariant("marconi-wide", "marconi", tuning_grid=WIDE_ALPHA_GRID, options=_PAPER_SCORE,
+                      description="the paper's Marconi, alpha tuned on the wide grid 0, 1/8, ..., 128"),
+        PolicyVariant("marconi-oracle", "marconi", oracle_grid=WIDE_ALPHA_GRID, options=_PAPER_SCORE,
+                      description="the paper's Marconi, best static alpha of the wide grid for the whole trace "
+                                  "(offline)"),
         PolicyVariant("sglang+", "sglang+", description="Marconi's admission, LRU eviction of leaves"),
         PolicyVariant("vllm+", "vllm+", description="a checkpoint every 32 tokens, LRU eviction of leaf blocks"),
         PolicyVariant("no-cache", "no-cache", description="nothing is cached"),
@@ -163,12 +169,13 @@ def replay(
     started = time.perf_counter()
     if variant.oracle_grid is not None:
         pairs = [(r.input_ids, r.input_ids + fed_output(r)) for r in ordered]
-        alpha, by_alpha = oracle_alpha(pairs, capacity_bytes, costs, sizes, grid=variant.oracle_grid)
+        alpha, by_alpha = oracle_alpha(pairs, capacity_bytes, costs, sizes, grid=variant.oracle_grid,
+                                       policy=make_policy(variant.policy, **dict(variant.options)))
         extra["oracle_alpha"] = alpha
         extra["oracle_hit_rates"] = {str(a): s.token_hit_rate for a, s in by_alpha.items()}
-        policy = make_policy(variant.policy, alpha=alpha)
+        policy = make_policy(variant.policy, alpha=alpha, **dict(variant.options))
     else:
-        policy = make_policy(variant.policy)
+        policy = make_policy(variant.policy, **dict(variant.options))
     tuner: Tuner | None = AlphaTuner(grid=variant.tuning_grid) if variant.tuning_grid is not None else None
     if variant.from_default:
         policy, tuner = default_policy()
