@@ -85,6 +85,7 @@ class RequestPlan:
     unresumable_len: int  # matched tokens (but the last input token) past reuse_len: stored, but no checkpoint there
     receipt: LockReceipt = field(repr=False, compare=False)
     generation: int = 0  # the store's generation at planning: a plan from before a clear() commits nothing
+    counted: bool = True  # a lookup of its own (False: a second plan of a request already counted, plan(count=False))
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ class PrefixStore:
                 unresumable_len=unresumable,
                 receipt=receipt,
                 generation=self._generation,
+                counted=count,
             )
 
     def _branches_off_requests_in_flight(self, ids: tuple[int, ...]) -> tuple[int, ...]:
@@ -386,6 +388,8 @@ class PrefixStore:
         input_len = len(plan.input_ids)
         reused = plan.receipt.node if plan.reuse_len else None
         self.policy.touch([n for n in match.path if n.depth <= input_len], reused, self._clock)
+        if reused is not None and plan.counted:  # a batched row's second plan reuses its own first commit
+            self.policy.record_hit(reused, self._clock)
         existing = {n.depth for n in match.path if n.checkpoint is not None}
         wanted = [p for p in self.checkpoint_positions(plan, len(seq)) if p in checkpoints and p not in existing]
         limit = self.policy.max_new_checkpoints

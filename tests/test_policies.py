@@ -376,7 +376,9 @@ def test_marconi_eviction_keeps_the_often_reused_prefix_in_isolation():
     for policy in (weighted, paper):
         for clock in (1, 2, 3, 4):
             policy.touch([often], often, clock)
+            policy.record_hit(often, clock)
         policy.touch([once], once, 5)
+        policy.record_hit(once, 5)
     assert weighted.choose_victim(prefixes, costs, clock=6) is once
     assert paper.choose_victim(prefixes, costs, clock=6) is often  # equal efficiency: the less recent goes
 
@@ -402,3 +404,29 @@ def test_reuse_weight_keeps_few_shot_prefixes_over_query_tails_under_pressure():
         for half_life in (None, 200)
     }
     assert rates[200] > rates[None] + 0.05
+
+
+def test_a_request_planned_twice_counts_one_hit():
+    # A batched row plans (counted), admits its prompt (count=False), plans again (count=False) and commits: the second
+    # plan reuses the branch point its own first commit stored, which is no hit of another request.
+    policy = MarconiPolicy(alpha=1.0)
+    store = PrefixStore(10**6, policy, QuadraticCosts(), SIZES)
+    shared = tuple(range(100, 140))
+    run(store, shared + (1, 2, 3), (50,))
+
+    def commit(plan, tokens, count=True):
+        positions = store.checkpoint_positions(plan, len(tokens))
+        return store.commit(plan, tokens, lambda s, e: SimulatedEdge(e - s, 3),
+                            {p: SimulatedCheckpoint(10) for p in positions}, count=count)
+
+    prompt = shared + (7, 8, 9)
+    first = store.plan(prompt)
+    commit(first, prompt, count=False)
+    second = store.plan(prompt, count=False)
+    assert second.reuse_len == len(shared) and not second.counted
+    commit(second, prompt + (60, 61))
+    branch_point = store.tree.walk_to(prompt, [len(shared)])[0]
+    assert policy.eviction.reuse.count(branch_point, clock=store.stats().commits) == 0.0
+    third = store.plan(shared + (4, 5))  # another request's hit counts
+    commit(third, shared + (4, 5, 6))
+    assert policy.eviction.reuse.count(branch_point, clock=3) > 0.0

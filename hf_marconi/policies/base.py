@@ -52,6 +52,11 @@ class EvictionRule(Protocol):
         """Refresh recency after a lookup: ``path`` are the fully matched nodes, ``reused`` the node reused (or None)."""
         ...
 
+    def record_hit(self, node: Node, clock: int) -> None:
+        """A request's lookup resumed from ``node``'s checkpoint (once per request, when its commit refreshes recency;
+        not for a second plan of a request already counted)."""
+        ...
+
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         """Refresh recency after a commit stored a sequence along ``path`` (new nodes already carry ``clock``)."""
         ...

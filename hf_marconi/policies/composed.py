@@ -70,6 +70,9 @@ class ComposedPolicy(Generic[A, E]):
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         self.eviction.touch_inserted(path, clock)
 
+    def record_hit(self, node: Node, clock: int) -> None:
+        self.eviction.record_hit(node, clock)
+
     def choose_victim(self, candidates: Sequence[Node], costs: CostModel, clock: int) -> Node:
         return self.eviction.choose_victim(candidates, costs, clock)
 

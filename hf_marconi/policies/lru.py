@@ -25,6 +25,9 @@ class LRUEviction:
         for node in path:
             node.last_access = clock
 
+    def record_hit(self, node: Node, clock: int) -> None:
+        return None  # recency alone: touch refreshed the path
+
     @staticmethod
     def priority(node: Node) -> tuple[int, int]:
         """Least recently used first; creation order breaks ties."""

@@ -68,8 +68,10 @@ class MarconiEviction:
     def touch(self, path: Sequence[Node], reused: Node | None, clock: int) -> None:
         if reused is not None:
             reused.last_access = clock
-            if self.reuse is not None:
-                self.reuse.record_hit(reused, clock)
+
+    def record_hit(self, node: Node, clock: int) -> None:
+        if self.reuse is not None:
+            self.reuse.record_hit(node, clock)
 
     def touch_inserted(self, path: Sequence[Node], clock: int) -> None:
         return None  # the nodes and checkpoints a commit creates carry the clock already
