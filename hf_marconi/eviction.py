@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Protocol
+from typing import Protocol, cast
 
-from hf_marconi.policies.base import CostModel, Policy
+from hf_marconi.policies.base import CostModel, PerNodePriority, Policy
 from hf_marconi.tree import Node, RadixTree
 
 
@@ -55,7 +55,7 @@ class HeapOrder:
 
     def __init__(self, tree: RadixTree, policy: Policy) -> None:
         self.policy = policy
-        self.priority = policy.priority  # type: ignore[attr-defined]
+        self.priority = cast(PerNodePriority, policy).priority
         self.tiebreak = itertools.count()  # keeps tuples comparable when a node is pushed twice with the same key
         self.heap = [(self.priority(n), next(self.tiebreak), n)
                      for n in candidate_pool(policy, tree).values() if n.lock_ref == 0]

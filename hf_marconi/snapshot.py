@@ -51,9 +51,9 @@ class StoreSnapshot:
         return StoreSnapshot(tuple(_simulated(entry) for entry in self.entries), self.clock)
 
 
-def entries_of(tree: RadixTree) -> tuple[StoredEntry, ...]:
+def entries_of(tree: RadixTree, sizes_only: bool = False) -> tuple[StoredEntry, ...]:
     """Every node of ``tree``, parents before children (depth-first, children in key order); the caller holds the
-    store's lock.
+    store's lock. ``sizes_only``: byte counts in place of the payloads (what a tuner replays from).
 
     A checkpoint-less node with one child, which a request in flight keeps from folding into its child after an
     eviction, is listed folded (its key and edge joined to the child's), so the entries always keep the structure rule
@@ -63,7 +63,9 @@ def entries_of(tree: RadixTree) -> tuple[StoredEntry, ...]:
     out: list[StoredEntry] = []
     for node in tree.nodes():
         assert node.parent is not None and node.edge is not None
-        key, edge = node.key, node.edge
+        key, edge, checkpoint = node.key, node.edge, node.checkpoint
+        if sizes_only:  # before folding: a fold then joins byte counts, not stored tensors
+            edge, checkpoint = _simulated_payloads(node.depth, key, edge, checkpoint)
         head = folded.pop(node.parent.uid, None)
         if head is not None:
             key, edge = head[0] + key, head[1].concat(edge)
@@ -72,24 +74,32 @@ def entries_of(tree: RadixTree) -> tuple[StoredEntry, ...]:
             folded[node.uid] = (key, edge)
             continue
         index[node.uid] = len(out)
-        out.append(StoredEntry(node.depth, key, index[node.parent.uid], edge, node.checkpoint, node.origin,
+        out.append(StoredEntry(node.depth, key, index[node.parent.uid], edge, checkpoint, node.origin,
                                node.last_access))
     return tuple(out)
 
 
 def _simulated(entry: StoredEntry) -> StoredEntry:
     """``entry`` with byte counts of its payloads' sizes in place of the payloads."""
-    tokens, edge_bytes = len(entry.key), entry.edge.nbytes
+    edge, checkpoint = _simulated_payloads(entry.prefix_len, entry.key, entry.edge, entry.checkpoint)
+    return replace(entry, edge=edge, checkpoint=checkpoint)
+
+
+def _simulated_payloads(prefix_len: int, key: tuple[int, ...], edge: EdgePayload,
+                        checkpoint: Payload | None) -> tuple[SimulatedEdge, SimulatedCheckpoint | None]:
+    """Byte counts of the same sizes as ``edge`` (``key``'s tokens) and ``checkpoint``."""
+    tokens, edge_bytes = len(key), edge.nbytes
     if edge_bytes % tokens:
-        raise ValueError(f"the edge at prefix length {entry.prefix_len} holds {edge_bytes} bytes for {tokens} tokens; "
+        raise ValueError(f"the edge at prefix length {prefix_len} holds {edge_bytes} bytes for {tokens} tokens; "
                          "a simulated edge holds the same bytes for every token")
-    checkpoint = SimulatedCheckpoint(entry.checkpoint.nbytes) if entry.checkpoint is not None else None
-    return replace(entry, edge=SimulatedEdge(tokens, edge_bytes // tokens), checkpoint=checkpoint)
+    return (SimulatedEdge(tokens, edge_bytes // tokens),
+            SimulatedCheckpoint(checkpoint.nbytes) if checkpoint is not None else None)
 
 
 def tree_from_entries(entries: Sequence[StoredEntry]) -> RadixTree:
-    """A new tree holding ``entries``; raises ValueError naming the first invalid entry. The structure rule is left to
-    the caller (a snapshot may hold checkpoint-less nodes that a lock kept from folding away)."""
+    """A new tree holding ``entries``; raises ValueError naming the first invalid entry. The structure rule (no
+    checkpoint-less node with fewer than two children) is left to the caller: ``load_snapshot`` checks it on what a
+    file holds, while a store's own snapshots keep it by construction (:func:`entries_of`)."""
     tree = RadixTree()
     built: list[Node] = []
     for i, entry in enumerate(entries):

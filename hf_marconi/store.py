@@ -597,11 +597,12 @@ class PrefixStore:
         return plan, result
 
     # ------------------------------------------------------------------------------------------ snapshots
-    def snapshot(self) -> StoreSnapshot:
+    def snapshot(self, sizes_only: bool = False) -> StoreSnapshot:
         """Every stored node (:func:`~hf_marconi.snapshot.entries_of`) and the logical clock, taken under the lock. The
-        payloads are the stored objects themselves, to be read, never mutated."""
+        payloads are the stored objects themselves, to be read, never mutated; ``sizes_only``: their byte counts
+        instead (for replays: keeps no stored tensor alive and copies none)."""
         with self._lock:
-            return StoreSnapshot(entries_of(self._tree), self._clock)
+            return StoreSnapshot(entries_of(self._tree, sizes_only), self._clock)
 
     def load_snapshot(self, snapshot: StoreSnapshot) -> None:
         """Rebuild the tree from ``snapshot`` into this store, which must be empty.
@@ -636,9 +637,7 @@ class PrefixStore:
     def from_snapshot(
         cls, snapshot: StoreSnapshot, capacity_bytes: int, policy: Policy, costs: CostModel, sizes: StateSizes
     ) -> "PrefixStore":
-        """A simulated store holding the snapshot's entries, payloads reduced to byte counts (alpha tuning).
-
-        Nodes a lock kept from folding away in the snapshotted store are copied as they are, unlocked."""
+        """A simulated store holding the snapshot's entries, payloads reduced to byte counts (alpha tuning)."""
         store = cls(capacity_bytes, policy, costs, sizes)
         store._tree = tree_from_entries(snapshot.simulated().entries)
         store._clock = snapshot.clock

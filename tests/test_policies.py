@@ -430,3 +430,19 @@ def test_a_request_planned_twice_counts_one_hit():
     third = store.plan(shared + (4, 5))  # another request's hit counts
     commit(third, shared + (4, 5, 6))
     assert policy.eviction.reuse.count(branch_point, clock=3) > 0.0
+
+
+def test_with_alpha_keeps_the_policy_class_and_its_options_but_not_its_state():
+    class EndlessMarconi(MarconiPolicy):
+        def keeps_end(self, input_len: int, end: int) -> bool:
+            return False
+
+    policy = EndlessMarconi(alpha=1.0, reuse_half_life=50)
+    twin = policy.with_alpha(8.0)
+    assert type(twin) is EndlessMarconi and not twin.keeps_end(5, 9)  # a tuner replays the overrides too
+    assert (twin.alpha, policy.alpha, twin.reuse_half_life, twin.name) == (8.0, 1.0, 50, "marconi")
+    assert twin.eviction is not policy.eviction and twin.eviction.reuse is not policy.eviction.reuse
+    with pytest.raises(AttributeError, match="no alpha"):
+        LRUPolicy().with_alpha(1.0)
+    with pytest.raises(TypeError):
+        MarconiPolicy(1.0, "linear")  # options past alpha are keyword-only

@@ -359,3 +359,57 @@ def test_a_snapshot_taken_while_a_lock_keeps_a_branch_node_unfolded_still_loads(
     reloaded.load_snapshot(saved)
     assert reloaded.tree.checkpointed_prefixes() == store.tree.checkpointed_prefixes() and reloaded.nbytes == store.nbytes
     store.abort(plan)
+
+
+def test_a_chain_of_lock_kept_branch_nodes_folds_into_one_entry_and_replays_as_sizes():
+    # (1 2) and (1 2 | 3) are checkpoint-less branch nodes; a request in flight locks the path to (1 2 | 3 | 4 5).
+    # Evicting the siblings (7) and (9) leaves both with one child: the snapshot lists the three as one entry.
+    edge, checkpoint = (lambda n: SimulatedEdge(n, 3)), SimulatedCheckpoint(10)
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    store.load_snapshot(StoreSnapshot((
+        StoredEntry(2, (1, 2), -1, edge(2), None, None, 1),
+        StoredEntry(3, (3,), 0, edge(1), None, None, 1),
+        StoredEntry(5, (4, 5), 1, edge(2), checkpoint, "input_output", 1),
+        StoredEntry(4, (9,), 1, edge(1), checkpoint, "input_output", 2),
+        StoredEntry(3, (7,), 0, edge(1), checkpoint, "input_output", 3),
+    ), 3))
+    plan = store.plan((1, 2, 3, 4, 5, 6))
+    with store.lock:
+        for first in (9, 7):
+            store._evict(next(n for n in store.tree.nodes() if n.key[0] == first))
+    for sizes_only in (False, True):
+        saved = store.snapshot(sizes_only=sizes_only)
+        assert [(e.prefix_len, e.key, e.parent, e.edge.nbytes) for e in saved.entries] == [(5, (1, 2, 3, 4, 5), -1, 15)]
+        assert isinstance(saved.entries[0].edge, SimulatedEdge)  # the test store holds byte counts either way
+        replay = PrefixStore.from_snapshot(saved, 10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+        replay.check_invariants()
+        assert replay.nbytes == store.nbytes
+    store.abort(plan)
+
+
+def test_a_sizes_only_snapshot_copies_no_stored_payload():
+    class Untouchable(TokenEdge):
+        snapshotting = False
+
+        def split(self, offset):
+            return Untouchable(self.tokens[:offset]), Untouchable(self.tokens[offset:])
+
+        def concat(self, tail):
+            if Untouchable.snapshotting:
+                raise AssertionError("a sizes-only snapshot must not join stored payloads")
+            return Untouchable(self.tokens + tail.tokens)
+
+    store = PrefixStore(10**6, MarconiPolicy(), QuadraticCosts(), SIZES)
+    for tokens in ((1, 2, 3, 4), (1, 2, 7, 8)):
+        plan = store.plan(tokens)
+        store.commit(plan, tokens, lambda s, e, t=tokens: Untouchable(t[s:e]), {4: SimulatedCheckpoint(10)})
+    held = store.plan((1, 2, 3, 4, 5))  # keeps the checkpoint-less branch node (1 2) from folding below
+    with store.lock:
+        store._evict(next(n for n in store.tree.nodes() if n.key[:1] == (7,)))
+    Untouchable.snapshotting = True
+    with pytest.raises(AssertionError, match="must not join"):
+        store.snapshot()  # a full snapshot joins the lock-kept node's edge to its child's
+    entries = store.snapshot(sizes_only=True).entries
+    Untouchable.snapshotting = False
+    assert [(e.key, type(e.edge), e.edge.nbytes) for e in entries] == [((1, 2, 3, 4), SimulatedEdge, 12)]
+    store.abort(held)

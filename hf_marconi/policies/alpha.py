@@ -114,7 +114,7 @@ class AlphaTuner:
         if self._snapshot is None:
             if evicted:
                 self._window_len = self.window_factor * self._requests
-                self._snapshot = store.snapshot().simulated()
+                self._snapshot = store.snapshot(sizes_only=True)
             return
         self._window.append((input_ids, tokens[len(input_ids) :]))
         assert self._window_len is not None
@@ -132,7 +132,7 @@ class AlphaTuner:
         self.history.append(TuningRecord(self._requests, len(self._window), scores, best))
         store.note_alpha_tuning(best)
         self._window = []
-        self._snapshot = store.snapshot().simulated() if self.retune else None
+        self._snapshot = store.snapshot(sizes_only=True) if self.retune else None
         self._finished = not self.retune
 
 

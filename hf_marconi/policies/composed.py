@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -53,7 +54,9 @@ class ComposedPolicy(Generic[A, E]):
         learn how this policy would do at another alpha."""
         if self.alpha is None:
             raise AttributeError(f"policy {self.name!r} has no alpha: its eviction rule {self.eviction!r} weighs none")
-        return ComposedPolicy(self.admission, dataclasses.replace(self.eviction, alpha=alpha), self.name)  # type: ignore[type-var]
+        twin = copy.copy(self)  # the same class and attributes: a subclass's overrides replay too
+        twin._eviction = dataclasses.replace(self.eviction, alpha=alpha)  # type: ignore[type-var]
+        return twin
 
     # -------------------------------------------------------------------------------------------- admission
     def capture_positions(self, reuse_len: int, branch_len: int | None, input_len: int,

@@ -22,8 +22,9 @@ class MarconiPolicy(ComposedPolicy[MarconiAdmission, MarconiEviction]):
     :func:`~hf_marconi.policies.marconi.recency_scores`, the efficiency of a shared prompt prefix weighted by its recent
     hits with half-life ``reuse_half_life``; None: the paper's score)."""
 
-    def __init__(self, alpha: float = 0.0, recency: str = "linear", repeat_threshold: float | None = REPEAT_THRESHOLD,
-                 name: str = "marconi", reuse_half_life: int | None = REUSE_HALF_LIFE) -> None:
+    def __init__(self, alpha: float = 0.0, *, recency: str = "linear",
+                 repeat_threshold: float | None = REPEAT_THRESHOLD, name: str = "marconi",
+                 reuse_half_life: int | None = REUSE_HALF_LIFE) -> None:
         super().__init__(MarconiAdmission(repeat_threshold), MarconiEviction(alpha, recency, reuse_half_life), name)
 
     @property

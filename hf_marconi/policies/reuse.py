@@ -20,7 +20,8 @@ from typing import Sequence
 
 from hf_marconi.tree import PURELY_INPUT, Node
 
-# Requests after which a hit's weight has halved: the same "recent" as the shadow tuner's score.
+# Requests after which a hit's weight has halved: the same "recent" as the shadow tuner's score. Counted on the store's
+# logical clock, one tick per commit (a batched row commits its prompt and then the rest: two).
 REUSE_HALF_LIFE = 200
 
 

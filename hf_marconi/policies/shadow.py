@@ -87,7 +87,7 @@ class ShadowAlphaTuner:
 
         if store.policy.alpha is None:
             raise ValueError(f"policy {store.policy.name!r} has no alpha to tune; use MarconiPolicy")
-        snapshot = store.snapshot()
+        snapshot = store.snapshot(sizes_only=True)
         self._shadows = [
             PrefixStore.from_snapshot(snapshot, store.capacity_bytes, store.policy.with_alpha(a), store.costs,
                                       store.sizes)
