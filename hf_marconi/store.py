@@ -497,8 +497,8 @@ class PrefixStore:
             if self._outlived_by_clear(plan):
                 return
             self._check_open(plan)
-            self._release(plan.receipt)
-            self._place()
+            if self._release(plan.receipt):
+                self._place()  # a fold may have joined payloads of two tiers; otherwise nothing moved
 
     def _outlived_by_clear(self, plan: RequestPlan) -> bool:
         """Whether ``plan`` was made before the latest :meth:`clear` (its lock was on the dropped tree)."""
@@ -508,15 +508,18 @@ class PrefixStore:
         if id(plan.receipt) not in self._open or self._open[id(plan.receipt)] is not plan.receipt:
             raise RuntimeError("this plan was already committed or aborted, or belongs to another store")
 
-    def _release(self, receipt: LockReceipt) -> None:
+    def _release(self, receipt: LockReceipt) -> bool:
+        """Unlock ``receipt``'s path; returns whether a node the lock kept from folding away folded now."""
         del self._open[id(receipt)]
         self._open_inputs.pop(id(receipt), None)
         path = receipt.node.path()
         self._tree.unlock(receipt)
-        for node in reversed(path):  # nodes the lock kept from folding away may fold now
-            if node.parent is not None:
-                self._tree.compact(node)
+        folded = False
+        for node in reversed(path):
+            if node.parent is not None and self._tree.compact(node):
+                folded = True
         self._stats.bytes = self._tree.nbytes
+        return folded
 
     def clear(self) -> int:
         """Drop every stored entry (the counters are kept); returns the bytes freed.

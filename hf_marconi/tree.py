@@ -366,16 +366,18 @@ class RadixTree:
         self.nbytes -= freed
         return freed
 
-    def compact(self, node: Node) -> None:
+    def compact(self, node: Node) -> bool:
         """Restore the structure rule at ``node`` and upwards: an unlocked checkpoint-less node with one child is merged
-        into it, one with no child is removed (its KV cannot be resumed from)."""
+        into it, one with no child is removed (its KV cannot be resumed from). Returns whether any node went."""
+        changed = False
         while node.parent is not None and node.checkpoint is None and node.lock_ref == 0 and len(node.children) <= 1:
             parent = node.parent
             if node.children:
                 self.merge_into_child(node)
             else:
                 self.remove_leaf(node)
-            node = parent
+            node, changed = parent, True
+        return changed
 
     def lock(self, node: Node) -> LockReceipt:
         """Protect the path root..node against eviction until the receipt is handed to :meth:`unlock`."""
