@@ -38,8 +38,8 @@ class Placement(Protocol):
     :meth:`PrefixStore.set_placement`.
 
     The store calls ``place(tree)`` with its lock held whenever what it stores or their recency may have changed: after
-    every commit (counted or not: a batched row's prompt admission stores entries too), every abort (releasing a lock
-    may fold nodes together), every load, and once at registration. Payloads move only through
+    every commit (counted or not: a batched row's prompt admission stores entries too), every abort whose lock release
+    folded nodes together, every load, and once at registration. Payloads move only through
     :meth:`RadixTree.replace_payloads`, which keeps the tree's byte accounting."""
 
     def place(self, tree: RadixTree) -> None: ...

@@ -83,7 +83,8 @@ class TieredStorage:
         spill_device: where spilled tensors live (default: ``"cpu"``).
 
     It registers itself as the store's placement (``store.set_placement``, one per store): the store calls
-    :meth:`place` after every commit, abort and load, and once at registration for the entries stored already.
+    :meth:`place` after every commit and load and after an abort that folded a node, and once at registration for the
+    entries stored already.
     Moving an edge that an eviction later concatenates with one on the other tier needs ``KVEdge.concat`` to put both
     on one device (the spill tier's concatenations do).
     """
@@ -126,7 +127,8 @@ class TieredStorage:
             return {"fast": self.cache.store.nbytes - spilled, "spill": spilled}
 
     def rebalance(self) -> None:
-        """Place the store's entries now (the store does so itself after every commit, abort and load)."""
+        """Place the store's entries now (the store does so itself after every commit and load and after an abort that
+        folded a node)."""
         store = self.cache.store
         with store.lock:
             self.place(store.tree)
