@@ -167,15 +167,13 @@ def replay(
     ordered = replay_order(trace)
     extra: dict[str, Any] = {}
     started = time.perf_counter()
+    policy = make_policy(variant.policy, **dict(variant.options))
     if variant.oracle_grid is not None:
         pairs = [(r.input_ids, r.input_ids + fed_output(r)) for r in ordered]
-        alpha, by_alpha = oracle_alpha(pairs, capacity_bytes, costs, sizes, grid=variant.oracle_grid,
-                                       policy=make_policy(variant.policy, **dict(variant.options)))
+        alpha, by_alpha = oracle_alpha(pairs, capacity_bytes, costs, sizes, grid=variant.oracle_grid, policy=policy)
         extra["oracle_alpha"] = alpha
         extra["oracle_hit_rates"] = {str(a): s.token_hit_rate for a, s in by_alpha.items()}
-        policy = make_policy(variant.policy, alpha=alpha, **dict(variant.options))
-    else:
-        policy = make_policy(variant.policy, **dict(variant.options))
+        policy = policy.with_alpha(alpha)
     tuner: Tuner | None = AlphaTuner(grid=variant.tuning_grid) if variant.tuning_grid is not None else None
     if variant.from_default:
         policy, tuner = default_policy()
