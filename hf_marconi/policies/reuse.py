@@ -44,8 +44,10 @@ class ReuseCounts:
 
     def count(self, node: Node, clock: int) -> float:
         """``node``'s hits, each weighted by 2 ** -(requests since it / half_life); 0 for input+output checkpoints."""
+        if node.origin != PURELY_INPUT:  # first: most candidates are turn ends, and a weak-key lookup costs a weakref
+            return 0.0
         entry = self._hits.get(node)
-        if entry is None or node.origin != PURELY_INPUT:
+        if entry is None:
             return 0.0
         hits, at = entry
         return hits * 0.5 ** ((clock - at) / self.half_life)
