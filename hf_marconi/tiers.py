@@ -2,9 +2,9 @@
 
 The store's ``capacity_bytes`` bounds both tiers together; the fast tier has its own, smaller capacity.
 :class:`TieredStorage` is the store's placement (:class:`~hf_marconi.store.Placement`): after every commit and load
-(and an abort that folded a node), the store has it keep the most recently used entries on the fast tier, as many as fit its capacity (visited by
-recency, an entry that does not fit is skipped), and move the others' tensors to the spill tier. A payload on a node
-is replaced through the tree by a moved copy of equal ``nbytes``, so the store's accounting and policy see no change.
+(and an abort that folded a node), the store has it keep the most recently used entries on the fast tier, as many as
+fit its capacity (visited by recency, an entry that does not fit is skipped), and move the others' tensors to the
+spill tier. A payload on a node is replaced through the tree by a moved copy of equal ``nbytes``, so the store's accounting and policy see no change.
 A restore copies stored tensors to each layer's device from either tier, so spilled entries still hit.
 
 Which tier a payload lies in is told by its type (:class:`SpilledKVEdge`, :class:`SpilledCheckpoint`), not by its
