@@ -45,15 +45,17 @@ class ComposedPolicy(Generic[A, E]):
 
     @alpha.setter
     def alpha(self, alpha: float) -> None:
+        self._require_alpha()
+        self.eviction.alpha = alpha  # type: ignore[attr-defined]
+
+    def _require_alpha(self) -> None:
         if self.alpha is None:
             raise AttributeError(f"policy {self.name!r} has no alpha: its eviction rule {self.eviction!r} weighs none")
-        self.eviction.alpha = alpha  # type: ignore[attr-defined]
 
     def with_alpha(self, alpha: float) -> "ComposedPolicy[A, E]":
         """The same rules at ``alpha``, with none of this policy's state (memo, hit counts): what a tuner replays to
         learn how this policy would do at another alpha."""
-        if self.alpha is None:
-            raise AttributeError(f"policy {self.name!r} has no alpha: its eviction rule {self.eviction!r} weighs none")
+        self._require_alpha()
         twin = copy.copy(self)  # the same class and attributes: a subclass's overrides replay too
         twin._eviction = dataclasses.replace(self.eviction, alpha=alpha)  # type: ignore[type-var]
         return twin
